@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# Both create .venv in the checkout and install the appliance into it (editable,
+# which compiles the Cython core), then run. Re-running reinstalls only when the
+# packaging files or native sources changed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SRC    := pyproject.toml setup.py $(wildcard native/*.pyx)
+
+.PHONY: run test install bench clean
+
+run: $(VENV)/.installed
+	$(BIN)/appliance up
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python $(SRC)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/bin/python $(SRC)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) build *.egg-info native/*.c appliance/broker/_pqueue*.so

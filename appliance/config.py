@@ -1,0 +1,133 @@
+"""One typed settings object for every process, read from the environment and `.env`.
+
+Why one object: every process reads the same keys the same way, and a wrong value
+stops the process at start with the key's name and what was expected, instead of
+failing later somewhere far away. The table in README.md lists every key.
+
+Precedence: process environment > `$APPLIANCE_HOME/.env` > defaults.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+
+class ConfigError(SystemExit):
+    """A setting is wrong: the process stops with a message that names the key."""
+
+    def __init__(self, message: str):
+        super().__init__(f"appliance: configuration error: {message}")
+
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
+    appliance_home: str = ""
+    data_dir: str = ""
+    run_dir: str = ""
+    log_dir: str = ""
+
+    api_host: str = "127.0.0.1"
+    api_port: Port = 8000
+    api_workers: Annotated[int, Meta(ge=1, le=64)] = 2
+    api_threads: Annotated[int, Meta(ge=1, le=256)] = 8
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
+    broker_timeout_s: Annotated[float, Meta(gt=0)] = 1.0
+
+    broker_front: str = ""
+    broker_back: str = ""
+    telemetry_endpoint: str = ""
+    queue_max_size: Annotated[int, Meta(ge=1)] = 1000
+    queue_aging_s: Annotated[float, Meta(ge=0)] = 30.0
+    result_ttl_s: Annotated[float, Meta(gt=0)] = 300.0
+
+    model_path: str = ""
+    model_alias: str = ""
+    llama_server_bin: str = ""
+    llama_host: str = "127.0.0.1"
+    llama_port_base: Port = 0
+    llama_slots: Annotated[int, Meta(ge=1, le=256)] = 2
+    llama_ctx: Annotated[int, Meta(ge=256)] = 4096
+    llama_threads: Annotated[int, Meta(ge=1)] = 1
+    llama_gpu_layers: Annotated[int, Meta(ge=0)] = 0
+    llama_start_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+
+    gpumon_interval_s: Annotated[float, Meta(gt=0)] = 2.0
+    nvml_samples: str = ""
+
+    # ------------------------------------------------------------ derived paths
+    @property
+    def home(self) -> Path:
+        return Path(self.appliance_home)
+
+    @property
+    def model_file(self) -> Path:
+        """The configured GGUF, or the generated tiny model when none is configured."""
+        if self.model_path:
+            return Path(self.model_path)
+        return Path(self.data_dir) / "models" / "appliance-tiny.gguf"
+
+    @property
+    def uses_tiny_model(self) -> bool:
+        return not self.model_path
+
+    @property
+    def model_name(self) -> str:
+        return self.model_alias or self.model_file.stem
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :]
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
+_FIELDS = {name.upper() for name in Settings.__struct_fields__}
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if environ is None else environ)
+    home = Path(env.get("APPLIANCE_HOME") or os.getcwd()).resolve()
+    raw = _read_dotenv(home / ".env")
+    raw.update({k: v for k, v in env.items() if k in _FIELDS})
+    raw["APPLIANCE_HOME"] = str(home)
+    try:
+        s = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc).replace("`$.", "`")) from None
+    var = home / "var"
+    s.data_dir = s.data_dir or str(var / "data")
+    s.run_dir = s.run_dir or str(var / "run")
+    s.log_dir = s.log_dir or str(var / "log")
+    run = Path(s.run_dir)
+    s.broker_front = s.broker_front or f"ipc://{run}/broker-front.ipc"
+    s.broker_back = s.broker_back or f"ipc://{run}/broker-back.ipc"
+    s.telemetry_endpoint = s.telemetry_endpoint or f"ipc://{run}/telemetry.ipc"
+    for endpoint in (s.broker_front, s.broker_back, s.telemetry_endpoint):
+        if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
+            raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")
+    return s
+
+
+def ensure_dirs(s: Settings) -> None:
+    for d in (s.data_dir, s.run_dir, s.log_dir):
+        Path(d).mkdir(parents=True, exist_ok=True)

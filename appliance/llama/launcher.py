@@ -1,0 +1,237 @@
+"""A launcher: owns one llama.cpp server and serves the broker as a worker.
+
+It starts the server, waits for its /health, registers with the broker (Ready, then
+Credit for its slots), and runs each dispatched task on a thread of its own against
+llama.cpp's HTTP API. The ZeroMQ socket belongs to the main loop only: task threads
+hand their results back over an inproc PUSH socket.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import msgspec
+import zmq
+
+from .. import protocol as P
+from ..config import Settings, ensure_dirs
+from .server import ServerStartError, start_server
+from .tinymodel import ensure_tiny_model
+
+log = logging.getLogger("appliance.llama")
+
+
+class LlamaClient:
+    """Keep-alive HTTP to llama.cpp, one connection per task thread."""
+
+    def __init__(self, base_url: str):
+        u = urlsplit(base_url)
+        self.host, self.port = u.hostname, u.port
+        self._local = threading.local()
+
+    def _conn(self, timeout: float) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def post(self, path: str, body: dict, timeout: float) -> tuple[int, dict]:
+        payload = json.dumps(body).encode()
+        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once
+            conn = self._conn(timeout)
+            try:
+                conn.request("POST", path, payload, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, (json.loads(data) if data else {})
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self._local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, deadline: float) -> P.Done:
+    """One task against llama.cpp; every failure becomes a Done with an error code."""
+    body: dict = {"max_tokens": spec.max_tokens}
+    if spec.temperature is not None:
+        body["temperature"] = spec.temperature
+    if spec.seed is not None:
+        body["seed"] = spec.seed
+    if spec.type == "chat":
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages or ()]
+    else:
+        path = "/v1/completions"
+        body["prompt"] = spec.prompt
+    remaining = deadline - time.time()
+    if remaining <= 0:
+        return P.Done(task_id, error=P.TaskError("timeout", "deadline passed before the model started"))
+    try:
+        status, data = client.post(path, body, timeout=remaining)
+    except TimeoutError:
+        return P.Done(task_id, error=P.TaskError("timeout", f"no answer from llama.cpp within {remaining:.1f}s"))
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return P.Done(task_id, error=P.TaskError("llama_unavailable", f"{type(exc).__name__}: {exc}"))
+    if status != 200:
+        err = data.get("error") if isinstance(data, dict) else None
+        code = (err or {}).get("type") or f"http_{status}"
+        message = (err or {}).get("message") or f"llama.cpp answered {status}"
+        return P.Done(task_id, error=P.TaskError("llama_rejected", f"{code}: {message}"))
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if spec.type == "chat" else choice["text"]
+        usage = data.get("usage") or {}
+        timings = data.get("timings")
+        return P.Done(task_id, result=P.TaskResult(
+            text=text or "",
+            finish_reason=choice.get("finish_reason") or "",
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            model=model,
+            timings=msgspec.convert(timings, P.Timings) if timings else None,
+        ))
+    except (KeyError, IndexError, TypeError, msgspec.ValidationError) as exc:
+        return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected answer shape: {exc}"))
+
+
+class Launcher:
+    def __init__(self, settings: Settings, index: int):
+        self.s = settings
+        self.name = f"llama-{index}"
+        self.index = index
+        self.ctx = zmq.Context.instance()
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results_addr = f"inproc://results-{id(self)}"
+        self.results.bind(self.results_addr)
+        self.sock: zmq.Socket | None = None
+        self.running: set[str] = set()
+        self.pool = ThreadPoolExecutor(max_workers=settings.llama_slots, thread_name_prefix="task")
+        self._push = threading.local()
+        self._stop = False
+        self.server = None
+
+    # --------------------------------------------------------------- lifecycle
+    def start_model(self) -> None:
+        ensure_dirs(self.s)
+        if self.s.uses_tiny_model:
+            ensure_tiny_model(self.s.model_file)
+        elif not self.s.model_file.is_file():
+            raise ServerStartError(f"MODEL_PATH={self.s.model_path} does not exist")
+        t0 = time.monotonic()
+        self.server = start_server(self.s, self.index, self.s.model_name)
+        self.client = LlamaClient(self.server.base_url)
+        log.info("%s: llama.cpp healthy at %s in %.2fs (model %s, %d slots)", self.name,
+                 self.server.base_url, time.monotonic() - t0, self.s.model_name, self.s.llama_slots)
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
+        self.sock.connect(self.s.broker_back)
+        self._send(P.Ready(self.name, self.s.model_name, self.s.llama_slots, self.server.base_url))
+        free = self.s.llama_slots - len(self.running)
+        if free:
+            self._send(P.Credit(free))
+        self.broker_seen = time.monotonic()
+
+    def _send(self, msg) -> None:
+        self.sock.send(P.encode(msg))
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    # --------------------------------------------------------------- task side
+    def _run(self, task_id: str, spec: P.TaskSpec, deadline: float) -> None:
+        try:
+            done = run_task(self.client, self.s.model_name, task_id, spec, deadline)
+        except Exception as exc:  # never lose a task to a bug here
+            log.exception("task failed unexpectedly")
+            done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
+        push = getattr(self._push, "sock", None)
+        if push is None:
+            push = self._push.sock = self.ctx.socket(zmq.PUSH)
+            push.connect(self.results_addr)
+        push.send(P.encode(done))
+
+    # --------------------------------------------------------------- main loop
+    def serve(self) -> None:
+        self._connect()
+        poller = zmq.Poller()
+        poller.register(self.results, zmq.POLLIN)
+        poller.register(self.sock, zmq.POLLIN)
+        next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
+        while not self._stop:
+            ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000))))
+            if self.results in ready:
+                while True:
+                    try:
+                        payload = self.results.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    done = msgspec.msgpack.decode(payload, type=P.Done)
+                    self.running.discard(done.task_id)
+                    self.sock.send(payload)
+                    self._send(P.Credit(1))
+            if self.sock in ready:
+                self.broker_seen = time.monotonic()
+                while True:
+                    try:
+                        payload = self.sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    msg = P.broker_to_worker.decode(payload)
+                    if isinstance(msg, P.Dispatch):
+                        self.running.add(msg.task_id)
+                        self.pool.submit(self._run, msg.task_id, msg.spec, msg.deadline)
+                    elif isinstance(msg, P.Disconnect):
+                        log.info("%s: broker asked us to register again", self.name)
+                        poller.unregister(self.sock)
+                        self._connect()
+                        poller.register(self.sock, zmq.POLLIN)
+                        break
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + P.HEARTBEAT_INTERVAL_S
+                if now - self.broker_seen > P.HEARTBEAT_INTERVAL_S * P.HEARTBEAT_LIVENESS:
+                    log.warning("%s: broker silent; reconnecting", self.name)
+                    poller.unregister(self.sock)
+                    self._connect()
+                    poller.register(self.sock, zmq.POLLIN)
+                else:
+                    self._send(P.Heartbeat())
+                if not self.server.health(timeout=5.0):
+                    raise ServerStartError("llama.cpp stopped answering /health")
+        self._send(P.Disconnect())
+        self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.server is not None:
+            self.server.stop()
+        if self.sock is not None:
+            self.sock.close(0)
+        self.results.close(0)
+
+
+def main(settings: Settings, index: int) -> None:
+    launcher = Launcher(settings, index)
+    signal.signal(signal.SIGTERM, launcher.stop)
+    signal.signal(signal.SIGINT, launcher.stop)
+    launcher.start_model()
+    try:
+        launcher.serve()
+    finally:
+        launcher.close()

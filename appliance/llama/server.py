@@ -1,0 +1,141 @@
+"""The llama.cpp server a launcher owns: embedded (xllamacpp wheel) or an external binary.
+
+Both give the launcher the same thing: an HTTP base URL of a running llama.cpp
+server, a way to wait until it is healthy, and a way to stop it. The launcher never
+talks to llama.cpp other than over that HTTP API, so the two are interchangeable.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from ..config import Settings
+
+log = logging.getLogger("appliance.llama")
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Base:
+    base_url: str
+
+    def health(self, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=timeout) as r:
+                return r.status == 200 and json.loads(r.read()).get("status") == "ok"
+        except (OSError, ValueError):
+            return False
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.health():
+                return
+            self.check_alive()
+            time.sleep(0.05)
+        raise ServerStartError(f"llama.cpp at {self.base_url} not healthy within {timeout_s:.0f}s")
+
+    def check_alive(self) -> None:
+        """Raise if the server process is gone (only meaningful for an external binary)."""
+
+
+class EmbeddedServer(_Base):
+    """llama.cpp's own server compiled into the xllamacpp wheel, on native threads."""
+
+    def __init__(self, s: Settings, port: int, alias: str):
+        import xllamacpp as xlc
+
+        p = xlc.CommonParams()
+        p.model.path = str(s.model_file)
+        p.hostnames = [s.llama_host]
+        p.port = port
+        p.n_ctx = s.llama_ctx
+        p.n_parallel = s.llama_slots
+        p.cpuparams.n_threads = s.llama_threads
+        p.cpuparams_batch.n_threads = s.llama_threads
+        p.n_threads_http = max(2, s.llama_slots + 1)
+        p.n_gpu_layers = s.llama_gpu_layers
+        p.endpoint_slots = True
+        p.endpoint_metrics = True
+        p.model_alias = {alias}
+        p.warmup = False
+        try:
+            self._server = xlc.Server(p)
+        except RuntimeError as exc:  # the reason itself went to stderr (our log file)
+            raise ServerStartError(f"llama.cpp refused to start on {s.model_file}: {exc}") from None
+        addr = self._server.listening_address
+        self.base_url = addr if addr.startswith("http") else f"http://{addr}"
+
+    def stop(self) -> None:
+        # Dropping the object stops llama.cpp's loop; it must have answered /health
+        # first (stopping a server whose loop never started can hang).
+        self._server = None
+
+
+def _die_with_parent() -> None:
+    """Child side of fork: the external server gets SIGTERM if its launcher dies."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class ExternalServer(_Base):
+    """A `llama-server` binary the operator configured (a CUDA build on a GPU box)."""
+
+    def __init__(self, s: Settings, port: int, alias: str):
+        cmd = [
+            s.llama_server_bin, "--model", str(s.model_file), "--host", s.llama_host, "--port", str(port),
+            "--ctx-size", str(s.llama_ctx), "--parallel", str(s.llama_slots), "--threads", str(s.llama_threads),
+            "--n-gpu-layers", str(s.llama_gpu_layers), "--alias", alias, "--slots", "--metrics",
+        ]
+        try:
+            self._proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        except OSError as exc:
+            raise ServerStartError(f"cannot run LLAMA_SERVER_BIN={s.llama_server_bin}: {exc}") from None
+        self.base_url = f"http://{s.llama_host}:{port}"
+
+    def check_alive(self) -> None:
+        if self._proc.poll() is not None:
+            raise ServerStartError(f"llama-server exited with status {self._proc.returncode}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
+def start_server(s: Settings, index: int, alias: str):
+    port = s.llama_port_base + index if s.llama_port_base else 0
+    if s.llama_server_bin:
+        if not os.access(s.llama_server_bin, os.X_OK):
+            raise ServerStartError(f"LLAMA_SERVER_BIN={s.llama_server_bin} is not an executable file")
+        server = ExternalServer(s, port or free_port(s.llama_host), alias)
+    else:
+        server = EmbeddedServer(s, port, alias)
+    try:
+        server.wait_healthy(s.llama_start_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server

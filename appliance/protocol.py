@@ -1,0 +1,224 @@
+"""The one contract between the appliance's processes (see docs/PROTOCOL.md).
+
+Every message is a msgspec Struct, MessagePack on the wire, one message per ZeroMQ
+frame. Structs are tagged (the tag is the first array element) and array-like, which
+makes them small and about twice as fast to encode as maps. Change this module and
+docs/PROTOCOL.md together.
+
+The HTTP request types (TaskSpec and friends) live here too: the API decodes a
+request body straight into the struct it forwards to the broker, so there is one
+schema and no copy.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+
+# Heartbeats, both ways between broker and workers. A peer that has been silent
+# for HEARTBEAT_LIVENESS intervals is considered gone.
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_LIVENESS = 3
+
+PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low", "batch")
+Priority = Literal["critical", "high", "normal", "low", "batch"]
+LEVEL = {name: i for i, name in enumerate(PRIORITIES)}
+
+TaskState = Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
+FINAL_STATES = frozenset({"completed", "failed", "cancelled", "expired"})
+
+# ---------------------------------------------------------------- task payloads
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Meta(max_length=1_000_000)]
+
+
+class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a client asks for. `chat` needs messages, `complete` needs a prompt."""
+
+    type: Literal["chat", "complete"]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1000)] | None = None
+    prompt: Annotated[str, Meta(max_length=1_000_000)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
+    temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    priority: Priority = "normal"
+    timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
+
+    def check(self) -> tuple[str, str] | None:
+        """Cross-field rules msgspec cannot express: (field, message) or None."""
+        if self.type == "chat" and not self.messages:
+            return "messages", "a chat task needs `messages`"
+        if self.type == "complete" and self.prompt is None:
+            return "prompt", "a complete task needs `prompt`"
+        return None
+
+
+class Timings(Struct, omit_defaults=True):
+    """llama.cpp's own timings of a generation, as it reports them."""
+
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+    predicted_per_second: float = 0.0
+
+
+class TaskResult(Struct, omit_defaults=True):
+    text: str
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    timings: Timings | None = None
+
+
+class TaskError(Struct):
+    code: str
+    message: str
+
+
+class TaskRecord(Struct, omit_defaults=True):
+    """Everything the broker knows of one task; what status and result return."""
+
+    task_id: str
+    state: TaskState
+    type: str
+    priority: Priority
+    created_at: float
+    tenant: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    result: TaskResult | None = None
+    error: TaskError | None = None
+
+
+# ------------------------------------------------- api <-> broker (front ROUTER)
+
+
+class _Msg(Struct, tag=True, array_like=True):
+    pass
+
+
+class Submit(_Msg):
+    req: int
+    spec: TaskSpec
+    tenant: str = ""
+
+
+class Query(_Msg):
+    """Ask for one task's record (status and result share it)."""
+
+    req: int
+    task_id: str
+
+
+class Ping(_Msg):
+    req: int
+
+
+class Accepted(_Msg):
+    req: int
+    task_id: str
+    state: TaskState
+
+
+class TaskInfo(_Msg):
+    req: int
+    task: TaskRecord
+
+
+class Pong(_Msg):
+    req: int
+    workers_ready: int
+    queued: int
+    running: int
+    gpu_state: str
+
+
+class Refused(_Msg):
+    """A request the broker will not do; `code` is the API's stable error code."""
+
+    req: int
+    code: str
+    message: str
+
+
+# --------------------------------------------- broker <-> workers (back ROUTER)
+
+
+class Ready(_Msg):
+    """A worker joins (or rejoins after a broker restart). Slots are not credit yet."""
+
+    worker: str
+    model: str
+    slots: int
+    endpoint: str
+    version: int = PROTOCOL_VERSION
+
+
+class Credit(_Msg):
+    """The worker can take `n` more tasks; the broker never sends more than it got."""
+
+    n: int
+
+
+class Dispatch(_Msg):
+    task_id: str
+    spec: TaskSpec
+    deadline: float
+
+
+class Done(_Msg):
+    task_id: str
+    result: TaskResult | None = None
+    error: TaskError | None = None
+
+
+class Heartbeat(_Msg):
+    pass
+
+
+class Disconnect(_Msg):
+    pass
+
+
+# ------------------------------------------------------ gpumon -> all (PUB)
+
+
+class GpuReading(Struct, omit_defaults=True):
+    index: int
+    name: str
+    memory_total_mb: float
+    memory_used_mb: float
+    temperature_c: float
+    utilization_pct: float
+
+
+class Telemetry(_Msg):
+    ts: float
+    source: Literal["nvml", "samples", "none"]
+    cpu_only: bool
+    reason: str
+    gpus: list[GpuReading]
+
+
+TELEMETRY_TOPIC = b"gpu"
+
+FrontRequest = Union[Submit, Query, Ping]
+FrontReply = Union[Accepted, TaskInfo, Pong, Refused]
+WorkerToBroker = Union[Ready, Credit, Done, Heartbeat, Disconnect]
+BrokerToWorker = Union[Dispatch, Heartbeat, Disconnect]
+
+encode = msgspec.msgpack.Encoder().encode
+front_request = msgspec.msgpack.Decoder(FrontRequest)
+front_reply = msgspec.msgpack.Decoder(FrontReply)
+worker_to_broker = msgspec.msgpack.Decoder(WorkerToBroker)
+broker_to_worker = msgspec.msgpack.Decoder(BrokerToWorker)
+telemetry = msgspec.msgpack.Decoder(Telemetry)

@@ -1,0 +1,14 @@
+"""Builds the native scheduling core (native/*.pyx) into the appliance package.
+
+Metadata and dependencies live in pyproject.toml; this file exists for the
+Cython extension only.
+"""
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=cythonize(
+        [Extension("appliance.broker._pqueue", ["native/pqueue.pyx"], extra_compile_args=["-O2"])],
+        language_level=3,
+    ),
+)

@@ -1,0 +1,144 @@
+"""Fixtures that start real parts: the tiny GGUF, llama.cpp, the whole appliance."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from appliance.llama.tinymodel import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+class Appliance:
+    """The real appliance under the repo's own supervisord.conf, in a temporary home."""
+
+    def __init__(self, home: Path, env: dict[str, str]):
+        self.home = home
+        self.env = env
+        self.port = int(env["API_PORT"])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.home / "appliance-up.out", "wb")
+        self.proc = subprocess.Popen(
+            [str(BIN / "appliance"), "up"], cwd=self.home, env=self.env,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def ctl(self, *words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", str(self.home / "supervisord.conf"), *words],
+            capture_output=True, text=True, timeout=60, env=self.env,
+        )
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=10, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=10, **kw)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisord exited: {self.logs()}")
+            try:
+                return self.get("/readyz").status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_until(ready, timeout, 0.2, "/readyz 200")
+
+    def logs(self) -> str:
+        out = []
+        for f in sorted((self.home / "var" / "log").glob("*.log")):
+            out.append(f"== {f.name}\n" + f.read_text(errors="replace")[-3000:])
+        return "\n".join(out)
+
+    def pids(self) -> list[int]:
+        """Pids of every process in supervisord's session (itself and all children)."""
+        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+        return [int(p) for p, sid in (line.split() for line in out.splitlines()) if int(sid) == self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.ctl("shutdown")
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(10)
+        leftover = self.pids()
+        for pid in leftover:  # nothing may outlive the test run, even on failure
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        assert not leftover, f"processes outlived supervisord: {leftover}"
+
+
+def make_home(tmp: Path) -> Path:
+    shutil.copy(ROOT / "supervisord.conf", tmp / "supervisord.conf")
+    return tmp
+
+
+def appliance_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_"))}
+    env.update({
+        "APPLIANCE_HOME": str(home),
+        "API_PORT": str(free_port()),
+        "API_WORKERS": "2",
+        "GPUMON_INTERVAL_S": "0.5",
+    })
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    """The appliance on its embedded default: no MODEL_PATH, so it makes its tiny model."""
+    home = make_home(tmp_path_factory.mktemp("home"))
+    app = Appliance(home, appliance_env(home))
+    app.start()
+    try:
+        app.wait_ready()
+        yield app
+    except BaseException:
+        print(app.logs())
+        raise
+    finally:
+        app.stop()

@@ -1,0 +1,198 @@
+"""The broker over real ZeroMQ sockets, with stub workers speaking the protocol."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from appliance import protocol as P
+from appliance.broker.server import Broker
+from appliance.config import load_settings
+
+SPEC = P.TaskSpec(type="complete", prompt="x", max_tokens=1)
+
+
+class Peer:
+    """A DEALER speaking the protocol, as the API or a launcher would."""
+
+    def __init__(self, endpoint: str, decoder, identity: bytes | None = None):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(endpoint)
+        self.decoder = decoder
+
+    def send(self, msg) -> None:
+        self.sock.send(P.encode(msg))
+
+    def recv(self, timeout: float = 3.0):
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.decoder.decode(self.sock.recv())
+
+    def recv_not(self, kind, timeout: float = 3.0):
+        """Next message that is not a `kind` (skips heartbeats)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.recv(left)
+            if msg is not None and not isinstance(msg, kind):
+                return msg
+        return None
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings({"APPLIANCE_HOME": str(tmp_path), "QUEUE_MAX_SIZE": "5", "QUEUE_AGING_S": "0"})
+
+
+class Running:
+    def __init__(self, settings):
+        self.settings = settings
+        self.broker = Broker(settings)
+        self.thread = threading.Thread(target=self.broker.run, daemon=True)
+        self.thread.start()
+        self.peers: list[Peer] = []
+
+    def client(self) -> Peer:
+        p = Peer(self.settings.broker_front, P.front_reply)
+        self.peers.append(p)
+        return p
+
+    def worker(self, name: str, slots: int, credit: int | None = None) -> Peer:
+        p = Peer(self.settings.broker_back, P.broker_to_worker, name.encode())
+        p.send(P.Ready(name, "tiny", slots, "http://127.0.0.1:1"))
+        p.send(P.Credit(slots if credit is None else credit))
+        self.peers.append(p)
+        return p
+
+    def stop(self) -> None:
+        self.broker.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        for p in self.peers:
+            p.close()
+
+
+@pytest.fixture
+def broker(settings):
+    running = Running(settings)
+    yield running
+    running.stop()
+
+
+def submit(client: Peer, req: int, priority: str = "normal") -> str:
+    client.send(P.Submit(req, P.TaskSpec(type="complete", prompt="x", priority=priority)))
+    reply = client.recv()
+    assert isinstance(reply, P.Accepted) and reply.req == req, reply
+    return reply.task_id
+
+
+def query(client: Peer, task_id: str) -> P.TaskRecord:
+    client.send(P.Query(99, task_id))
+    reply = client.recv()
+    assert isinstance(reply, P.TaskInfo), reply
+    return reply.task
+
+
+def test_dispatch_respects_credit(broker):
+    c = broker.client()
+    ids = [submit(c, i) for i in range(3)]
+    w = broker.worker("w1", slots=2, credit=1)
+    first = w.recv_not(P.Heartbeat)
+    assert isinstance(first, P.Dispatch) and first.task_id == ids[0]
+    assert w.recv_not(P.Heartbeat, timeout=0.5) is None  # one credit, one task
+    w.send(P.Done(first.task_id, result=P.TaskResult(text="ok")))
+    w.send(P.Credit(1))
+    second = w.recv_not(P.Heartbeat)
+    assert second.task_id == ids[1]
+    rec = query(c, ids[0])
+    assert rec.state == "completed" and rec.result.text == "ok" and rec.worker == "w1"
+    assert query(c, ids[1]).state == "running"
+    assert query(c, ids[2]).state == "queued"
+
+
+def test_most_urgent_first(broker):
+    c = broker.client()
+    low = submit(c, 1, "low")
+    normal = submit(c, 2, "normal")
+    crit = submit(c, 3, "critical")
+    w = broker.worker("w1", slots=3)
+    got = [w.recv_not(P.Heartbeat).task_id for _ in range(3)]
+    assert got == [crit, normal, low]
+
+
+def test_unknown_task_and_full_queue_are_refused(broker):
+    c = broker.client()
+    c.send(P.Query(1, "f" * 32))
+    reply = c.recv()
+    assert isinstance(reply, P.Refused) and reply.code == "not_found"
+    for i in range(5):
+        submit(c, i)
+    c.send(P.Submit(9, SPEC))
+    reply = c.recv()
+    assert isinstance(reply, P.Refused) and reply.code == "queue_full" and reply.req == 9
+
+
+def test_failure_from_worker_is_recorded(broker):
+    c = broker.client()
+    task_id = submit(c, 1)
+    w = broker.worker("w1", slots=1)
+    d = w.recv_not(P.Heartbeat)
+    w.send(P.Done(d.task_id, error=P.TaskError("llama_rejected", "exceed_context_size_error")))
+    time.sleep(0.2)
+    rec = query(c, task_id)
+    assert rec.state == "failed" and rec.error.code == "llama_rejected" and rec.finished_at
+
+
+def test_acknowledged_tasks_survive_a_broker_restart(settings):
+    first = Running(settings)
+    c = first.client()
+    ids = [submit(c, i, p) for i, p in enumerate(["low", "critical"])]
+    done_id = submit(c, 5)
+    w = first.worker("w1", slots=1)
+    d = w.recv_not(P.Heartbeat)
+    assert d.task_id == ids[1]  # critical first
+    w.send(P.Done(d.task_id, result=P.TaskResult(text="kept")))
+    time.sleep(0.2)
+    first.stop()
+
+    second = Running(settings)
+    try:
+        c2 = second.client()
+        assert query(c2, ids[1]).result.text == "kept"
+        assert query(c2, ids[0]).state == "queued"
+        assert query(c2, done_id).state == "queued"
+        w2 = second.worker("w2", slots=2)
+        got = {w2.recv_not(P.Heartbeat).task_id for _ in range(2)}
+        assert got == {ids[0], done_id}
+    finally:
+        second.stop()
+
+
+def test_silent_worker_is_dropped_and_its_task_requeued(broker):
+    c = broker.client()
+    task_id = submit(c, 1)
+    silent = broker.worker("silent", slots=1)
+    assert silent.recv_not(P.Heartbeat).task_id == task_id
+    silent.close()  # no more heartbeats from it
+    healthy = broker.worker("healthy", slots=1)
+    deadline = time.monotonic() + P.HEARTBEAT_INTERVAL_S * (P.HEARTBEAT_LIVENESS + 3)
+    got = None
+    while got is None and time.monotonic() < deadline:
+        healthy.send(P.Heartbeat())
+        got = healthy.recv_not(P.Heartbeat, timeout=0.5)
+    assert isinstance(got, P.Dispatch) and got.task_id == task_id
+    assert query(c, task_id).worker == "healthy"
+
+
+def test_unknown_worker_is_asked_to_register(broker):
+    stranger = Peer(broker.settings.broker_back, P.broker_to_worker, b"stranger")
+    broker.peers.append(stranger)
+    stranger.send(P.Credit(1))
+    assert isinstance(stranger.recv_not(P.Heartbeat), P.Disconnect)

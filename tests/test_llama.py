@@ -1,0 +1,84 @@
+"""The launcher's side: the generated GGUF in real llama.cpp, and the task runner."""
+from __future__ import annotations
+
+import time
+
+import gguf
+import pytest
+
+from appliance import protocol as P
+from appliance.config import load_settings
+from appliance.llama.launcher import LlamaClient, run_task
+from appliance.llama.server import ServerStartError, free_port, start_server
+
+
+def settings_for(tmp_path, model, **extra):
+    env = {"APPLIANCE_HOME": str(tmp_path), "MODEL_PATH": str(model), "LLAMA_SLOTS": "1"}
+    env.update(extra)
+    return load_settings(env)
+
+
+def test_generated_model_is_a_llama_gguf_with_chat_template(tiny_model):
+    fields = gguf.GGUFReader(str(tiny_model)).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types.count(6) == 256  # byte fallback: one token per byte
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == len(types)
+    assert tiny_model.stat().st_size < 2_000_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    s = settings_for(tmp_path_factory.mktemp("llama"), tiny_model, LLAMA_CTX="512")
+    srv = start_server(s, 0, s.model_name)
+    yield srv
+    srv.stop()
+
+
+def test_chat_and_completion_against_llama_cpp(server):
+    client = LlamaClient(server.base_url)
+    chat = P.TaskSpec(type="chat", messages=[P.ChatMessage("user", "hello")], max_tokens=8, temperature=0.0)
+    done = run_task(client, "tiny", "t1", chat, time.time() + 30)
+    assert done.error is None, done.error
+    assert done.result.text and done.result.completion_tokens == 8
+    assert done.result.timings.predicted_n == 8
+    again = run_task(client, "tiny", "t2", chat, time.time() + 30)
+    assert again.result.text == done.result.text  # greedy is deterministic
+    comp = run_task(client, "tiny", "t3", P.TaskSpec(type="complete", prompt="the", max_tokens=5), time.time() + 30)
+    assert comp.result.completion_tokens == 5
+
+
+def test_prompt_over_the_context_fails_with_a_reason(server):
+    client = LlamaClient(server.base_url)
+    spec = P.TaskSpec(type="complete", prompt="patient " * 2000, max_tokens=4)
+    done = run_task(client, "tiny", "t", spec, time.time() + 30)
+    assert done.result is None
+    assert done.error.code == "llama_rejected" and "exceed_context_size" in done.error.message
+
+
+def test_passed_deadline_is_a_timeout(server):
+    spec = P.TaskSpec(type="complete", prompt="x", max_tokens=4)
+    done = run_task(LlamaClient(server.base_url), "tiny", "t", spec, time.time() - 1)
+    assert done.error.code == "timeout"
+
+
+def test_unreachable_llama_is_reported_not_raised():
+    spec = P.TaskSpec(type="complete", prompt="x", max_tokens=4)
+    done = run_task(LlamaClient(f"http://127.0.0.1:{free_port('127.0.0.1')}"), "tiny", "t", spec, time.time() + 5)
+    assert done.error.code == "llama_unavailable"
+
+
+def test_garbage_model_fails_fast_with_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all" * 100)
+    t0 = time.monotonic()
+    with pytest.raises(ServerStartError, match="refused to start"):
+        start_server(settings_for(tmp_path, bad), 0, "bad")
+    assert time.monotonic() - t0 < 5
+
+
+def test_missing_external_binary_is_a_clear_error(tmp_path, tiny_model):
+    s = settings_for(tmp_path, tiny_model, LLAMA_SERVER_BIN=str(tmp_path / "llama-server"))
+    with pytest.raises(ServerStartError, match="not an executable"):
+        start_server(s, 0, "x")
