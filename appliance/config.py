@@ -45,6 +45,11 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     queue_max_size: Annotated[int, Meta(ge=1)] = 1000
     queue_aging_s: Annotated[float, Meta(ge=0)] = 30.0
     result_ttl_s: Annotated[float, Meta(gt=0)] = 300.0
+    result_tombstone_s: Annotated[float, Meta(ge=0)] = 3600.0
+    task_timeout_max_s: Annotated[float, Meta(gt=0)] = 600.0
+    max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    health_stall_s: Annotated[float, Meta(gt=0)] = 30.0
+    health_backlog_wait_s: Annotated[float, Meta(gt=0)] = 30.0
 
     model_path: str = ""
     model_alias: str = ""

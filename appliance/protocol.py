@@ -50,12 +50,14 @@ class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
     priority: Priority = "normal"
     timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
 
-    def check(self) -> tuple[str, str] | None:
-        """Cross-field rules msgspec cannot express: (field, message) or None."""
+    def check(self, timeout_max_s: float | None = None) -> tuple[str, str] | None:
+        """Rules msgspec cannot express (cross-field, configured bounds): (field, message) or None."""
         if self.type == "chat" and not self.messages:
             return "messages", "a chat task needs `messages`"
         if self.type == "complete" and self.prompt is None:
             return "prompt", "a complete task needs `prompt`"
+        if timeout_max_s is not None and self.timeout_s > timeout_max_s:
+            return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
         return None
 
 
@@ -97,6 +99,7 @@ class TaskRecord(Struct, omit_defaults=True):
     worker: str | None = None
     result: TaskResult | None = None
     error: TaskError | None = None
+    result_expired: bool = False  # past RESULT_TTL_S: the result itself is gone
 
 
 # ------------------------------------------------- api <-> broker (front ROUTER)
@@ -112,6 +115,14 @@ class Submit(_Msg):
     tenant: str = ""
 
 
+class SubmitBatch(_Msg):
+    """All or nothing: every spec is queued, or none is and the reply says why."""
+
+    req: int
+    specs: list[TaskSpec]
+    tenant: str = ""
+
+
 class Query(_Msg):
     """Ask for one task's record (status and result share it)."""
 
@@ -119,7 +130,16 @@ class Query(_Msg):
     task_id: str
 
 
+class Cancel(_Msg):
+    req: int
+    task_id: str
+
+
 class Ping(_Msg):
+    req: int
+
+
+class GetStats(_Msg):
     req: int
 
 
@@ -129,9 +149,41 @@ class Accepted(_Msg):
     state: TaskState
 
 
+class BatchAccepted(_Msg):
+    req: int
+    task_ids: list[str]
+
+
 class TaskInfo(_Msg):
     req: int
     task: TaskRecord
+    position: int | None = None  # tasks ahead of a queued one, None otherwise
+
+
+class WorkerStats(Struct):
+    name: str
+    model: str
+    slots: int
+    running: int
+    credit: int
+
+
+class Stats(_Msg):
+    req: int
+    depth: dict[str, int]          # queued tasks per priority
+    queued: int
+    running: int
+    max_size: int
+    workers: list[WorkerStats]
+    dispatch_p50_ms: float         # queued -> running, over the last DISPATCH_WINDOW tasks
+    dispatch_p95_ms: float
+    dispatch_p99_ms: float
+    completed_per_min: float       # tasks that reached a final state in the last 60 s
+    finished: dict[str, int]       # final states since the broker started
+    oldest_queued_s: float
+    last_progress_s: float         # seconds since the last dispatch or final state
+    health: Literal["healthy", "backing_up", "stalled"]
+    health_reason: str
 
 
 class Pong(_Msg):
@@ -181,6 +233,13 @@ class Done(_Msg):
     error: TaskError | None = None
 
 
+class Abort(_Msg):
+    """Stop a running task now (its llama.cpp request is closed, freeing the slot)."""
+
+    task_id: str
+    reason: Literal["cancelled", "timeout"]
+
+
 class Heartbeat(_Msg):
     pass
 
@@ -211,10 +270,10 @@ class Telemetry(_Msg):
 
 TELEMETRY_TOPIC = b"gpu"
 
-FrontRequest = Union[Submit, Query, Ping]
-FrontReply = Union[Accepted, TaskInfo, Pong, Refused]
+FrontRequest = Union[Submit, SubmitBatch, Query, Cancel, Ping, GetStats]
+FrontReply = Union[Accepted, BatchAccepted, TaskInfo, Pong, Stats, Refused]
 WorkerToBroker = Union[Ready, Credit, Done, Heartbeat, Disconnect]
-BrokerToWorker = Union[Dispatch, Heartbeat, Disconnect]
+BrokerToWorker = Union[Dispatch, Abort, Heartbeat, Disconnect]
 
 encode = msgspec.msgpack.Encoder().encode
 front_request = msgspec.msgpack.Decoder(FrontRequest)

@@ -71,7 +71,33 @@ def test_duplicate_handle_and_bad_level_are_refused(Q):
         q.push(2, -1, 0.0)
 
 
-def test_native_ring_grows_and_compacts_under_churn():
+def test_tenants_take_turns_within_a_level(Q):
+    q = Q(5, 100)
+    for h in range(10):
+        q.push(h, 2, 0.0, "flood")
+    q.push(100, 2, 1.0, "quiet")
+    q.push(101, 2, 1.0, "quiet")
+    q.push(200, 1, 2.0, "flood")  # a more urgent level still goes first
+    got = [q.pop(5.0) for _ in range(6)]
+    assert got == [200, 0, 100, 1, 101, 2]
+
+
+def test_position_counts_what_runs_first(Q):
+    q = Q(5, 100)
+    for h in range(4):
+        q.push(h, 2, 0.0, "a")
+    q.push(10, 2, 0.0, "b")
+    q.push(11, 2, 0.0, "b")
+    q.push(20, 0, 0.0, "c")
+    # serving order: 20, then a/b alternate: 0, 10, 1, 11, 2, 3
+    order = [20, 0, 10, 1, 11, 2, 3]
+    assert [q.position(h) for h in order] == list(range(7))
+    assert q.position(999) == -1
+    q.cancel(0)
+    assert q.position(10) == 2  # 20, then a (its turn comes first), then 10
+
+
+def test_native_handles_many_entries_and_cancels():
     q = PriorityQueue(5, 100_000)
     for h in range(50_000):
         q.push(h, h % 5, 0.0)
@@ -83,12 +109,28 @@ def test_native_ring_grows_and_compacts_under_churn():
     assert got == expected
 
 
+@settings(max_examples=50, deadline=None)
+@given(handles=st.lists(st.integers(-2**63, 2**63 - 1), unique=True, min_size=1, max_size=300), data=st.data())
+def test_native_hash_finds_every_handle_after_random_cancels(handles, data):
+    q = PriorityQueue(5, 300)
+    for h in handles:
+        q.push(h, 2, 0.0)
+    gone = set(data.draw(st.lists(st.sampled_from(handles), unique=True)))
+    for h in gone:
+        assert q.cancel(h)
+    for h in handles:
+        assert (h in q) == (h not in gone)
+    assert [q.pop(0.0) for _ in range(len(handles) - len(gone))] == [h for h in handles if h not in gone]
+
+
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("push"), st.integers(0, 40), st.integers(0, 4), st.floats(0, 100)),
+        st.tuples(st.just("push"), st.integers(0, 40), st.integers(0, 4), st.floats(0, 100),
+                  st.sampled_from(["", "a", "b", "c"])),
         st.tuples(st.just("pop"), st.floats(0, 200)),
         st.tuples(st.just("cancel"), st.integers(0, 40)),
         st.tuples(st.just("depth"), st.integers(0, 4)),
+        st.tuples(st.just("position"), st.integers(0, 40)),
     ),
     max_size=200,
 )
@@ -102,12 +144,12 @@ def test_native_and_reference_agree(ops, max_size, aging):
     for op in ops:
         name, *args = op
         if name == "push":
-            handle, level, dt = args
+            handle, level, dt, tenant = args
             clock += dt  # time only moves forward, as in the broker
             results = []
             for q in (native, ref):
                 try:
-                    q.push(handle, level, clock)
+                    q.push(handle, level, clock, tenant)
                     results.append("ok")
                 except (QueueFull, RefQueueFull):
                     results.append("full")
@@ -119,6 +161,8 @@ def test_native_and_reference_agree(ops, max_size, aging):
             assert native.pop(now) == ref.pop(now), op
         elif name == "cancel":
             assert native.cancel(args[0]) == ref.cancel(args[0]), op
+        elif name == "position":
+            assert native.position(args[0]) == ref.position(args[0]), op
         else:
             assert native.depth(args[0]) == ref.depth(args[0]), op
         assert len(native) == len(ref)

@@ -21,7 +21,9 @@ _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 # broker refusal code -> (HTTP status, extra headers)
 _REFUSAL_STATUS = {
     "not_found": 404,
+    "already_final": 409,
     "invalid_field": 422,
+    "batch_too_large": 422,
     "queue_full": 429,
     "storage_unavailable": 503,
 }
@@ -65,6 +67,11 @@ class Api:
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
 
+    def check_spec(self, spec: P.TaskSpec, prefix: str = "") -> None:
+        problem = spec.check(self.s.task_timeout_max_s)
+        if problem is not None:
+            raise invalid_field(prefix + problem[0], problem[1])
+
     @staticmethod
     def task_id(raw: str) -> str:
         if not _TASK_ID.match(raw):  # cannot exist: same answer as an unknown id
@@ -97,22 +104,40 @@ class Readyz:
         _json(resp, {"status": "ready", **body})
 
 
+class SubmitBatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    tasks: list[P.TaskSpec]
+
+
+def _links(task_id: str) -> dict:
+    return {"task_id": task_id, "status_url": f"/v1/async/status/{task_id}",
+            "result_url": f"/v1/async/result/{task_id}"}
+
+
 class Submit:
     def __init__(self, api: Api):
         self.api = api
 
     def on_post(self, req, resp):
         spec = self.api.read_json(req, P.TaskSpec)
-        problem = spec.check()
-        if problem is not None:
-            raise invalid_field(*problem)
+        self.api.check_spec(spec)
         accepted = self.api.call(lambda r: P.Submit(r, spec))
-        _json(resp, {
-            "task_id": accepted.task_id,
-            "state": accepted.state,
-            "status_url": f"/v1/async/status/{accepted.task_id}",
-            "result_url": f"/v1/async/result/{accepted.task_id}",
-        }, falcon.HTTP_202)
+        _json(resp, {**_links(accepted.task_id), "state": accepted.state}, falcon.HTTP_202)
+
+
+class SubmitBatch:
+    """All or nothing: either every task is queued, or none is and the error says why."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_post(self, req, resp):
+        body = self.api.read_json(req, SubmitBatchBody)
+        if not 1 <= len(body.tasks) <= self.api.s.max_batch:
+            raise invalid_field("tasks", f"a batch holds 1 to {self.api.s.max_batch} tasks, not {len(body.tasks)}")
+        for i, spec in enumerate(body.tasks):
+            self.api.check_spec(spec, f"tasks[{i}].")
+        accepted = self.api.call(lambda r: P.SubmitBatch(r, body.tasks))
+        _json(resp, {"tasks": [{**_links(t), "state": "queued"} for t in accepted.task_ids]}, falcon.HTTP_202)
 
 
 class Status:
@@ -123,7 +148,10 @@ class Status:
         info = self.api.call(lambda r: P.Query(r, self.api.task_id(task_id)))
         rec = info.task
         rec.result = None  # status is small; the result endpoint carries the text
-        _json(resp, rec)
+        body = msgspec.to_builtins(rec)
+        if info.position is not None:
+            body["position"] = info.position
+        _json(resp, body)
 
 
 class Result:
@@ -138,8 +166,51 @@ class Result:
             _json(resp, {"task_id": rec.task_id, "state": rec.state}, falcon.HTTP_202)
             resp.set_header("Retry-After", "1")
             return
+        if rec.result_expired:
+            raise ApiError(410, "result_expired", f"results are kept {self.api.s.result_ttl_s:g}s after the task "
+                           "ends; this one is gone", {"state": rec.state, "finished_at": rec.finished_at})
         _json(resp, {"task_id": rec.task_id, "state": rec.state, "result": rec.result, "error": rec.error,
                      "finished_at": rec.finished_at})
+
+
+class Cancel:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_post(self, req, resp, task_id):
+        info = self.api.call(lambda r: P.Cancel(r, self.api.task_id(task_id)))
+        _json(resp, {"task_id": info.task.task_id, "state": info.task.state})
+
+
+class Stats:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp):
+        stats = self.api.call(lambda r: P.GetStats(r))
+        body = msgspec.to_builtins(stats)
+        del body["req"]
+        _json(resp, body)
+
+
+class Health:
+    """healthy / backing_up answer 200, stalled 503: a load balancer can act on it.
+
+    The rule (computed by the broker, see README): stalled when tasks are queued and
+    no instance is registered, or nothing was dispatched or finished for
+    HEALTH_STALL_S; backing_up when the queue is at 80 % of QUEUE_MAX_SIZE or its
+    oldest task has waited more than HEALTH_BACKLOG_WAIT_S; healthy otherwise.
+    """
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp):
+        st = self.api.call(lambda r: P.GetStats(r))
+        body = {"status": st.health, "reason": st.health_reason, "queued": st.queued, "running": st.running,
+                "workers": len(st.workers), "oldest_queued_s": st.oldest_queued_s,
+                "last_progress_s": st.last_progress_s}
+        _json(resp, body, falcon.HTTP_503 if st.health == "stalled" else falcon.HTTP_200)
 
 
 def create_app(settings: Settings) -> falcon.App:
@@ -151,6 +222,10 @@ def create_app(settings: Settings) -> falcon.App:
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(api))
     app.add_route("/v1/async/submit", Submit(api))
+    app.add_route("/v1/async/submit-batch", SubmitBatch(api))
     app.add_route("/v1/async/status/{task_id}", Status(api))
     app.add_route("/v1/async/result/{task_id}", Result(api))
+    app.add_route("/v1/async/cancel/{task_id}", Cancel(api))
+    app.add_route("/v1/async/stats", Stats(api))
+    app.add_route("/v1/async/health", Health(api))
     return app

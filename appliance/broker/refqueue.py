@@ -3,10 +3,19 @@
 Why it exists: it is the readable statement of the scheduling rules, and property
 tests drive it and the native queue with the same random operations and require the
 same answers. The broker itself always runs the native one.
+
+The rules:
+- levels 0 (most urgent) .. N-1; at most `max_size` queued handles;
+- inside a level, tenants with queued work take turns (round robin) and each
+  tenant's tasks are FIFO; a tenant that runs out of work (pop or cancel) leaves the
+  rotation and rejoins at its back;
+- between levels the lowest effective level wins, effective = level - waited/aging_s
+  for the task the level would serve next (ties: the more urgent level).
 """
 from __future__ import annotations
 
 from collections import deque
+from typing import Hashable
 
 
 class QueueFull(Exception):
@@ -20,45 +29,82 @@ class RefPriorityQueue:
         self.levels = levels
         self.max_size = max_size
         self.aging_s = aging_s
-        self._rings: list[deque[tuple[int, float]]] = [deque() for _ in range(levels)]
-        self._level_of: dict[int, int] = {}
+        # per level: tenant -> FIFO of (handle, enqueued at); rotation: next tenant first
+        self._fifos: list[dict[Hashable, deque[tuple[int, float]]]] = [{} for _ in range(levels)]
+        self._rotation: list[deque[Hashable]] = [deque() for _ in range(levels)]
+        self._where: dict[int, tuple[int, Hashable, float]] = {}
 
-    def push(self, handle: int, level: int, now: float) -> None:
+    def push(self, handle: int, level: int, now: float, tenant: Hashable = "") -> None:
         if not 0 <= level < self.levels:
             raise ValueError(f"level {level} out of range")
-        if len(self._level_of) >= self.max_size:
+        if len(self._where) >= self.max_size:
             raise QueueFull(self.max_size)
-        if handle in self._level_of:
+        if handle in self._where:
             raise ValueError(f"handle {handle} already queued")
-        self._rings[level].append((handle, now))
-        self._level_of[handle] = level
+        fifos = self._fifos[level]
+        if tenant not in fifos:
+            fifos[tenant] = deque()
+            self._rotation[level].append(tenant)
+        fifos[tenant].append((handle, now))
+        self._where[handle] = (level, tenant, now)
+
+    def _remove(self, level: int, tenant: Hashable, handle: int, now: float) -> None:
+        fifo = self._fifos[level][tenant]
+        fifo.remove((handle, now))
+        del self._where[handle]
+        if not fifo:
+            del self._fifos[level][tenant]
+            self._rotation[level].remove(tenant)
 
     def pop(self, now: float) -> int:
         best, best_score = -1, 0.0
-        for level, ring in enumerate(self._rings):
-            while ring and ring[0][0] not in self._level_of:
-                ring.popleft()
-            if not ring:
+        for level in range(self.levels):
+            rotation = self._rotation[level]
+            if not rotation:
                 continue
-            score = level - (now - ring[0][1]) / self.aging_s if self.aging_s > 0 else level
+            waited = now - self._fifos[level][rotation[0]][0][1]
+            score = level - waited / self.aging_s if self.aging_s > 0 else level
             if best < 0 or score < best_score:
                 best, best_score = level, score
         if best < 0:
             return -1
-        handle, _ = self._rings[best].popleft()
-        del self._level_of[handle]
+        rotation = self._rotation[best]
+        tenant = rotation[0]
+        handle, enq = self._fifos[best][tenant][0]
+        rotation.rotate(-1)  # its turn is over: to the back of the line
+        self._remove(best, tenant, handle, enq)
         return handle
 
     def cancel(self, handle: int) -> bool:
-        return self._level_of.pop(handle, None) is not None
+        if handle not in self._where:
+            return False
+        level, tenant, enq = self._where[handle]
+        self._remove(level, tenant, handle, enq)
+        return True
+
+    def position(self, handle: int) -> int:
+        """Tasks that run first if nothing arrives and aging reorders nothing; -1 if absent."""
+        if handle not in self._where:
+            return -1
+        level, tenant, _ = self._where[handle]
+        n = sum(1 for lv, _, _ in self._where.values() if lv < level)
+        k = [h for h, _ in self._fifos[level][tenant]].index(handle)
+        n += k
+        before = True
+        for t in self._rotation[level]:
+            if t == tenant:
+                before = False
+            else:
+                n += min(len(self._fifos[level][t]), k + 1 if before else k)
+        return n
 
     def depth(self, level: int) -> int:
         if not 0 <= level < self.levels:
             raise ValueError(f"level {level} out of range")
-        return sum(1 for lv in self._level_of.values() if lv == level)
+        return sum(len(f) for f in self._fifos[level].values())
 
     def __contains__(self, handle: int) -> bool:
-        return handle in self._level_of
+        return handle in self._where
 
     def __len__(self) -> int:
-        return len(self._level_of)
+        return len(self._where)

@@ -3,17 +3,21 @@
 Shape (after the ZeroMQ guide's Majordomo): a ROUTER for clients (the API workers),
 a ROUTER for model workers (the launchers), a SUB for GPU telemetry. Each loop
 iteration drains every ready message without blocking, commits the journal once for
-all of them (group commit), then acknowledges the submits and dispatches to workers
-that have credit. Nothing here blocks except the poll.
+all of them (group commit), then acknowledges the submits, dispatches to workers that
+have credit, and fires due timers (deadlines, result expiry, heartbeats). Nothing
+here blocks except the poll.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import signal
 import time
 import uuid
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
 from .. import protocol as P
@@ -25,6 +29,12 @@ log = logging.getLogger("appliance.broker")
 
 # A task whose worker vanished is requeued this many times, then failed `worker_lost`.
 MAX_REQUEUES = 1
+# How many recent dispatches the latency percentiles are computed over.
+DISPATCH_WINDOW = 1000
+# Recently finished records kept in memory, so that polling clients rarely hit SQLite.
+FINISHED_CACHE = 10_000
+# How often results past their TTL are dropped from the journal.
+EXPIRE_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -48,6 +58,12 @@ class Worker:
     running: set[str] = field(default_factory=set)
 
 
+def _pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
+
+
 class Broker:
     def __init__(self, settings: Settings, journal_path: str | None = None):
         self.s = settings
@@ -67,41 +83,44 @@ class Broker:
 
         self.queue = PriorityQueue(len(P.PRIORITIES), settings.queue_max_size, settings.queue_aging_s)
         self.journal = SqliteJournal(journal_path or f"{settings.data_dir}/journal.sqlite3")
-        self.tasks: dict[str, Task] = {}
-        self.by_seq: dict[int, str] = {}
+        self.tasks: dict[str, Task] = {}           # live tasks only: queued or running
+        self.by_seq: dict[int, str] = {}           # queued tasks, in arrival order
+        self.finished: OrderedDict[str, P.TaskRecord] = OrderedDict()  # recent final records
         self.workers: dict[bytes, Worker] = {}
         self.next_seq = 1
         self.gpu_state = "unknown"
+        self._deadlines: list[tuple[float, int, str]] = []  # (deadline, seq, task_id), lazily pruned
+        self._next_expire = 0.0
         self._acks: list[tuple[bytes, bytes]] = []
-        self._refuse_on_fail: list[tuple[bytes, int, str]] = []
+        self._unacked: list[tuple[bytes, int, list[str]]] = []
+        self._dispatch_ms: deque[float] = deque(maxlen=DISPATCH_WINDOW)
+        self._finished_at: deque[float] = deque()
+        self._finished = Counter()
+        self._last_progress = time.monotonic()
         self._running = True
         self._next_heartbeat = 0.0
         self._recover()
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Rebuild queue and results from the journal; running tasks go back in line."""
-        now = time.time()
+        """Rebuild the queue from the journal; tasks that were running go back in line."""
+        self.next_seq = self.journal.max_seq() + 1
         requeued = 0
-        for seq, rec, spec in self.journal.load():
-            self.next_seq = max(self.next_seq, seq + 1)
+        for seq, rec, spec in self.journal.load_live():
             task = Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s)
             self.tasks[rec.task_id] = task
-            if rec.state in P.FINAL_STATES:
-                continue
             if rec.state == "running":
                 rec.state, rec.started_at, rec.worker = "queued", None, None
                 requeued += 1
             self.by_seq[seq] = rec.task_id
-            # Recovery may exceed the bound momentarily; every journaled task comes back.
+            heapq.heappush(self._deadlines, (task.deadline, seq, rec.task_id))
             try:
-                self.queue.push(seq, P.LEVEL[rec.priority], now)
-            except QueueFull:
+                self.queue.push(seq, P.LEVEL[rec.priority], rec.created_at, rec.tenant)
+            except QueueFull:  # QUEUE_MAX_SIZE was lowered below what the journal holds
                 self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
         self.journal.commit()
         if self.tasks:
-            log.info("recovered %d tasks from the journal (%d queued, %d were running)",
-                     len(self.tasks), len(self.queue), requeued)
+            log.info("recovered %d live tasks from the journal (%d were running)", len(self.tasks), requeued)
 
     # ------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -111,20 +130,26 @@ class Broker:
         poller.register(self.telemetry, zmq.POLLIN)
         log.info("broker up: front=%s back=%s", self.s.broker_front, self.s.broker_back)
         while self._running:
-            timeout_ms = max(0, int((self._next_heartbeat - time.monotonic()) * 1000))
-            ready = dict(poller.poll(timeout_ms))
+            ready = dict(poller.poll(self._poll_timeout_ms()))
             if self.front in ready:
                 self._drain(self.front, self._on_front)
             if self.back in ready:
                 self._drain(self.back, self._on_back)
             if self.telemetry in ready:
                 self._drain_telemetry()
+            self._fire_timers()
             self._commit_and_ack()
             self._dispatch()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
-                self._commit_and_ack()
+            self._commit_and_ack()
         self.close()
+
+    def _poll_timeout_ms(self) -> int:
+        wait = self._next_heartbeat - time.monotonic()
+        if self._deadlines:
+            wait = min(wait, self._deadlines[0][0] - time.time())
+        return max(0, int(wait * 1000) + 1)
 
     def stop(self, *_: object) -> None:
         self._running = False
@@ -153,17 +178,63 @@ class Broker:
     def _drain_telemetry(self) -> None:
         while True:
             try:
-                _, payload = self.telemetry.recv_multipart(zmq.NOBLOCK)
+                frames = self.telemetry.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except ValueError:
-                continue
             try:
-                t = P.telemetry.decode(payload)
+                t = P.telemetry.decode(frames[-1])
             except Exception:
                 log.warning("undecodable telemetry dropped")
                 continue
             self.gpu_state = "cpu_only" if t.cpu_only else "gpu"
+
+    # ------------------------------------------------------------------ timers
+    def _fire_timers(self) -> None:
+        """Deadlines: a queued task past its own expires, a running one is aborted."""
+        now = time.time()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, seq, task_id = heapq.heappop(heap)
+            task = self.tasks.get(task_id)
+            if task is None or task.seq != seq:
+                continue  # finished before its deadline
+            if task.record.state == "queued":
+                self.queue.cancel(seq)
+                self._finish(task, "expired", error=P.TaskError("deadline", "expired before it could run"))
+            else:
+                self._abort_running(task, "timeout")
+                self._finish(task, "failed",
+                             error=P.TaskError("timeout", f"did not finish within {task.spec.timeout_s:g}s"))
+        # Entries of tasks that finished early stay until their deadline; rebuild the
+        # heap when they outnumber the live ones, so memory follows the live tasks.
+        if len(heap) > 4 * len(self.tasks) + 1024:
+            self._deadlines = [(t.deadline, t.seq, tid) for tid, t in self.tasks.items()]
+            heapq.heapify(self._deadlines)
+        if now >= self._next_expire:
+            self._next_expire = now + EXPIRE_EVERY_S
+            ttl = self.s.result_ttl_s
+            try:
+                self.journal.expire(now - ttl, now - ttl - self.s.result_tombstone_s)
+            except Exception as exc:  # a full disk must not stop the queue
+                log.error("expiring old results failed: %s", exc)
+
+    def _lookup(self, task_id: str) -> P.TaskRecord | None:
+        """A task's record wherever it is: live, recently finished, or in the journal."""
+        task = self.tasks.get(task_id)
+        if task is not None:
+            return task.record
+        # Every record this loop finished is in the cache; the journal holds older ones.
+        rec = self.finished.get(task_id)
+        if rec is None:
+            rec = self.journal.get(task_id)
+        if rec is None:
+            return None
+        now = time.time()
+        if rec.finished_at is not None and now - rec.finished_at > self.s.result_ttl_s:
+            if now - rec.finished_at > self.s.result_ttl_s + self.s.result_tombstone_s:
+                return None
+            rec = msgspec.structs.replace(rec, result=None, result_expired=True)
+        return rec
 
     # ----------------------------------------------------------------- clients
     def _reply(self, identity: bytes, msg) -> None:
@@ -176,61 +247,136 @@ class Broker:
             log.warning("undecodable client message dropped")
             return
         if isinstance(msg, P.Submit):
-            self._on_submit(identity, msg)
+            self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False)
+        elif isinstance(msg, P.SubmitBatch):
+            self._on_submit(identity, msg.req, msg.specs, msg.tenant, batch=True)
         elif isinstance(msg, P.Query):
-            task = self.tasks.get(msg.task_id)
-            if task is None:
+            rec = self._lookup(msg.task_id)
+            if rec is None:
                 self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
             else:
-                self._reply(identity, P.TaskInfo(msg.req, task.record))
+                task = self.tasks.get(msg.task_id)
+                pos = self.queue.position(task.seq) if task is not None and rec.state == "queued" else -1
+                self._reply(identity, P.TaskInfo(msg.req, rec, pos if pos >= 0 else None))
+        elif isinstance(msg, P.Cancel):
+            self._on_cancel(identity, msg)
         elif isinstance(msg, P.Ping):
             ready = sum(1 for w in self.workers.values() if w.slots > 0)
             running = sum(len(w.running) for w in self.workers.values())
             self._reply(identity, P.Pong(msg.req, ready, len(self.queue), running, self.gpu_state))
+        elif isinstance(msg, P.GetStats):
+            self._reply(identity, self._stats(msg.req))
 
-    def _on_submit(self, identity: bytes, msg: P.Submit) -> None:
-        spec = msg.spec
-        problem = spec.check()
-        if problem is not None:
-            self._reply(identity, P.Refused(msg.req, "invalid_field", f"{problem[0]}: {problem[1]}"))
+    def _on_submit(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool) -> None:
+        """Queue one task or a whole batch; a batch is atomic: all or none."""
+        for i, spec in enumerate(specs):
+            problem = spec.check(self.s.task_timeout_max_s)
+            if problem is not None:
+                where = f"tasks[{i}].{problem[0]}" if batch else problem[0]
+                self._reply(identity, P.Refused(req, "invalid_field", f"{where}: {problem[1]}"))
+                return
+        if batch and len(specs) > self.s.max_batch:
+            self._reply(identity, P.Refused(req, "batch_too_large", f"at most {self.s.max_batch} tasks per batch"))
+            return
+        free = self.s.queue_max_size - len(self.queue)
+        if len(specs) > free:
+            self._reply(identity, P.Refused(
+                req, "queue_full", f"{len(specs)} tasks do not fit: {free} of {self.s.queue_max_size} places free"))
             return
         now = time.time()
-        seq = self.next_seq
-        try:
-            self.queue.push(seq, P.LEVEL[spec.priority], now)
-        except QueueFull:
-            self._reply(identity, P.Refused(msg.req, "queue_full", f"queue holds {self.s.queue_max_size} tasks"))
-            return
-        self.next_seq += 1
-        task_id = uuid.uuid4().hex
-        rec = P.TaskRecord(task_id=task_id, state="queued", type=spec.type, priority=spec.priority,
-                           created_at=now, tenant=msg.tenant)
-        task = Task(seq, rec, spec, deadline=now + spec.timeout_s)
-        self.tasks[task_id] = task
-        self.by_seq[seq] = task_id
-        self.journal.write(seq, rec, spec)
+        ids = []
+        for spec in specs:
+            seq = self.next_seq
+            self.next_seq += 1
+            self.queue.push(seq, P.LEVEL[spec.priority], now, tenant)  # room was checked above
+            task_id = uuid.uuid4().hex
+            rec = P.TaskRecord(task_id=task_id, state="queued", type=spec.type, priority=spec.priority,
+                               created_at=now, tenant=tenant)
+            task = Task(seq, rec, spec, deadline=now + spec.timeout_s)
+            self.tasks[task_id] = task
+            self.by_seq[seq] = task_id
+            heapq.heappush(self._deadlines, (task.deadline, seq, task_id))
+            self.journal.write(seq, rec, spec)
+            ids.append(task_id)
         # Acknowledged only after the journal commit of this loop iteration.
-        self._acks.append((identity, P.encode(P.Accepted(msg.req, task_id, "queued"))))
-        self._refuse_on_fail.append((identity, msg.req, task_id))
+        reply = P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued")
+        self._acks.append((identity, P.encode(reply)))
+        self._unacked.append((identity, req, ids))
 
     def _commit_and_ack(self) -> None:
         try:
             self.journal.commit()
         except Exception as exc:
-            log.error("journal commit failed: %s; refusing %d submits", exc, len(self._refuse_on_fail))
-            for identity, req, task_id in self._refuse_on_fail:
-                task = self.tasks.pop(task_id, None)
-                if task is not None:
-                    self.queue.cancel(task.seq)
-                    self.by_seq.pop(task.seq, None)
+            log.error("journal commit failed: %s; refusing %d submits", exc, len(self._unacked))
+            for identity, req, ids in self._unacked:
+                for task_id in ids:
+                    task = self.tasks.pop(task_id, None)
+                    if task is not None:
+                        self.queue.cancel(task.seq)
+                        self.by_seq.pop(task.seq, None)
                 self._reply(identity, P.Refused(req, "storage_unavailable", "the journal could not be written"))
             self._acks.clear()
-            self._refuse_on_fail.clear()
+            self._unacked.clear()
             return
         for identity, payload in self._acks:
             self.front.send_multipart([identity, payload])
         self._acks.clear()
-        self._refuse_on_fail.clear()
+        self._unacked.clear()
+
+    def _on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
+        task = self.tasks.get(msg.task_id)
+        if task is None:
+            rec = self._lookup(msg.task_id)
+            if rec is None:
+                self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
+            else:
+                self._reply(identity, P.Refused(msg.req, "already_final", f"the task is already {rec.state}"))
+            return
+        rec = task.record
+        if rec.state == "queued":
+            self.queue.cancel(task.seq)
+        else:
+            self._abort_running(task, "cancelled")
+        self._finish(task, "cancelled", error=P.TaskError("cancelled", "cancelled by request"))
+        # the reply waits for the journal commit, like a submit's
+        self._acks.append((identity, P.encode(P.TaskInfo(msg.req, rec))))
+
+    def _stats(self, req: int) -> P.Stats:
+        now, mono = time.time(), time.monotonic()
+        while self._finished_at and self._finished_at[0] < mono - 60:
+            self._finished_at.popleft()
+        lat = sorted(self._dispatch_ms)
+        queued = len(self.queue)
+        oldest = 0.0
+        for task_id in self.by_seq.values():  # arrival order: the first is the oldest
+            oldest = now - self.tasks[task_id].record.created_at
+            break
+        since = mono - self._last_progress
+        health, reason = "healthy", ""
+        if queued and not self.workers:
+            health, reason = "stalled", "tasks are queued and no model instance is registered"
+        elif queued and since > self.s.health_stall_s:
+            health, reason = "stalled", f"tasks are queued and nothing progressed for {since:.0f}s"
+        elif queued >= 0.8 * self.s.queue_max_size:
+            health, reason = "backing_up", f"queue at {queued}/{self.s.queue_max_size}"
+        elif oldest > self.s.health_backlog_wait_s:
+            health, reason = "backing_up", f"oldest queued task waited {oldest:.0f}s"
+        return P.Stats(
+            req=req,
+            depth={name: self.queue.depth(level) for name, level in P.LEVEL.items()},
+            queued=queued,
+            running=sum(len(w.running) for w in self.workers.values()),
+            max_size=self.s.queue_max_size,
+            workers=[P.WorkerStats(w.name, w.model, w.slots, len(w.running), w.credit)
+                     for w in self.workers.values()],
+            dispatch_p50_ms=_pct(lat, 50), dispatch_p95_ms=_pct(lat, 95), dispatch_p99_ms=_pct(lat, 99),
+            completed_per_min=float(len(self._finished_at)),
+            finished=dict(self._finished),
+            oldest_queued_s=oldest,
+            last_progress_s=since,
+            health=health,
+            health_reason=reason,
+        )
 
     # ----------------------------------------------------------------- workers
     def _send_worker(self, identity: bytes, msg) -> None:
@@ -238,6 +384,12 @@ class Broker:
             self.back.send_multipart([identity, P.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or HWM: liveness will sort it out
             log.debug("send to worker failed: %s", exc)
+
+    def _abort_running(self, task: Task, reason: str) -> None:
+        for worker in self.workers.values():
+            if task.record.task_id in worker.running:
+                worker.running.discard(task.record.task_id)
+                self._send_worker(worker.identity, P.Abort(task.record.task_id, reason))
 
     def _on_back(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -269,7 +421,7 @@ class Broker:
         task = self.tasks.get(msg.task_id)
         if worker is not None:
             worker.running.discard(msg.task_id)
-        if task is None or task.record.state in P.FINAL_STATES:
+        if task is None:  # already final (cancelled, timed out) or unknown
             return
         if task.record.state == "queued":  # finished elsewhere after a requeue
             self.queue.cancel(task.seq)
@@ -285,7 +437,14 @@ class Broker:
         rec.result = result
         rec.error = error
         self.by_seq.pop(task.seq, None)
+        del self.tasks[rec.task_id]
+        self.finished[rec.task_id] = rec
+        if len(self.finished) > FINISHED_CACHE:
+            self.finished.popitem(last=False)
         self.journal.write(task.seq, rec)
+        self._finished[state] += 1
+        self._finished_at.append(time.monotonic())
+        self._last_progress = time.monotonic()
 
     def _drop_worker(self, worker: Worker, why: str) -> None:
         self.workers.pop(worker.identity, None)
@@ -293,7 +452,7 @@ class Broker:
         now = time.time()
         for task_id in worker.running:
             task = self.tasks.get(task_id)
-            if task is None or task.record.state in P.FINAL_STATES:
+            if task is None:
                 continue
             if task.requeues >= MAX_REQUEUES:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker.name} lost twice"))
@@ -303,7 +462,8 @@ class Broker:
             rec.state, rec.started_at, rec.worker = "queued", None, None
             self.by_seq[task.seq] = task_id
             try:
-                self.queue.push(task.seq, P.LEVEL[rec.priority], now)
+                # back in line at its priority, with its original arrival time
+                self.queue.push(task.seq, P.LEVEL[rec.priority], rec.created_at, rec.tenant)
             except QueueFull:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", "requeue refused: queue full"))
                 continue
@@ -322,13 +482,12 @@ class Broker:
                 task = self.tasks.get(task_id) if task_id else None
                 if task is None:
                     continue
-                if now >= task.deadline:
-                    self._finish(task, "expired", error=P.TaskError("deadline", "expired before it could run"))
-                    continue
                 rec = task.record
                 rec.state, rec.started_at, rec.worker = "running", now, worker.name
                 worker.credit -= 1
                 worker.running.add(task_id)
+                self._dispatch_ms.append((now - rec.created_at) * 1000)
+                self._last_progress = time.monotonic()
                 self._send_worker(worker.identity, P.Dispatch(task_id, task.spec, task.deadline))
 
     def _heartbeat(self) -> None:

@@ -11,6 +11,7 @@ import http.client
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,14 +27,29 @@ from .tinymodel import ensure_tiny_model
 
 log = logging.getLogger("appliance.llama")
 
+# Consecutive failed /health checks (one per heartbeat) after which the launcher
+# exits, so that supervisord restarts it together with its llama.cpp server.
+HEALTH_FAILURES_FATAL = 3
+
+
+class Aborted(Exception):
+    """The broker aborted this task (cancel or timeout); its connection was closed."""
+
 
 class LlamaClient:
-    """Keep-alive HTTP to llama.cpp, one connection per task thread."""
+    """HTTP to llama.cpp, one kept-alive connection per task thread.
+
+    Requests are always streamed (SSE): llama.cpp notices a closed connection only
+    when it writes to it, so streaming is what lets an abort free the slot at once.
+    """
 
     def __init__(self, base_url: str):
         u = urlsplit(base_url)
         self.host, self.port = u.hostname, u.port
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._active: dict[str, http.client.HTTPConnection] = {}
+        self._aborted: dict[str, str] = {}
 
     def _conn(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -44,65 +60,163 @@ class LlamaClient:
             conn.sock.settimeout(timeout)
         return conn
 
-    def post(self, path: str, body: dict, timeout: float) -> tuple[int, dict]:
-        payload = json.dumps(body).encode()
+    def _drop_conn(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def abort(self, key: str, reason: str) -> None:
+        """Abort the request running (or about to run) under `key`, from any thread."""
+        with self._lock:
+            self._aborted[key] = reason
+            conn = self._active.get(key)
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._active.pop(key, None)
+            self._aborted.pop(key, None)
+
+    def _aborted_reason(self, key: str) -> str | None:
+        with self._lock:
+            self._active.pop(key, None)
+            return self._aborted.get(key)
+
+    def stream(self, key: str, path: str, body: dict, deadline: float):
+        """POST with stream=true; yield each SSE event's JSON until [DONE].
+
+        Raises Aborted, TimeoutError, LlamaHTTPError, or OSError/HTTPException.
+        """
+        payload = json.dumps({**body, "stream": True}).encode()
+        timeout = max(0.001, deadline - time.time())
         for attempt in (0, 1):  # a kept-alive connection the server closed: retry once
             conn = self._conn(timeout)
+            with self._lock:
+                if key in self._aborted:
+                    raise Aborted(self._aborted[key])
+                self._active[key] = conn
             try:
                 conn.request("POST", path, payload, {"Content-Type": "application/json"})
                 resp = conn.getresponse()
-                data = resp.read()
-                return resp.status, (json.loads(data) if data else {})
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                self._local.conn = None
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self._drop_conn()
+                if (reason := self._aborted_reason(key)) is not None:
+                    raise Aborted(reason) from exc
                 if attempt:
                     raise
-        raise AssertionError("unreachable")
+            except BaseException as exc:
+                self._drop_conn()
+                if (reason := self._aborted_reason(key)) is not None:
+                    raise Aborted(reason) from exc
+                raise
+        try:
+            if resp.status != 200:
+                raise LlamaHTTPError(resp.status, resp.read())
+            for raw in resp:
+                if time.time() > deadline:
+                    raise TimeoutError("deadline passed while generating")
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    resp.read()  # the closing chunk: the connection stays reusable
+                    break
+                yield json.loads(data)
+            else:
+                raise http.client.IncompleteRead(b"")  # the stream ended without [DONE]
+        except GeneratorExit:
+            self._drop_conn()
+            self._aborted_reason(key)
+            raise
+        except BaseException as exc:
+            self._drop_conn()
+            if (reason := self._aborted_reason(key)) is not None:
+                raise Aborted(reason) from exc
+            raise
+        if (reason := self._aborted_reason(key)) is not None:
+            raise Aborted(reason)
 
 
-def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, deadline: float) -> P.Done:
-    """One task against llama.cpp; every failure becomes a Done with an error code."""
-    body: dict = {"max_tokens": spec.max_tokens}
+class LlamaHTTPError(Exception):
+    def __init__(self, status: int, body: bytes):
+        self.status = status
+        try:
+            err = json.loads(body).get("error") or {}
+        except (ValueError, AttributeError):
+            err = {}
+        self.code = err.get("type") or f"http_{status}"
+        self.message = err.get("message") or f"llama.cpp answered {status}"
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def request_for(spec: P.TaskSpec) -> tuple[str, dict]:
+    """The llama.cpp (OpenAI-style) request that runs this task."""
+    body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}}
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
     if spec.seed is not None:
         body["seed"] = spec.seed
     if spec.type == "chat":
-        path = "/v1/chat/completions"
         body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages or ()]
-    else:
-        path = "/v1/completions"
-        body["prompt"] = spec.prompt
-    remaining = deadline - time.time()
-    if remaining <= 0:
+        return "/v1/chat/completions", body
+    body["prompt"] = spec.prompt
+    return "/v1/completions", body
+
+
+def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, deadline: float,
+             on_text=None) -> P.Done:
+    """One task against llama.cpp; every failure becomes a Done with an error code.
+
+    `on_text(piece)` is called with each piece of generated text as it arrives.
+    """
+    if deadline - time.time() <= 0:
         return P.Done(task_id, error=P.TaskError("timeout", "deadline passed before the model started"))
+    path, body = request_for(spec)
+    pieces: list[str] = []
+    finish_reason, usage, timings = "", {}, None
     try:
-        status, data = client.post(path, body, timeout=remaining)
+        for event in client.stream(task_id, path, body, deadline):
+            if "error" in event:
+                err = event["error"] or {}
+                return P.Done(task_id, error=P.TaskError(
+                    "llama_rejected", f"{err.get('type', 'error')}: {err.get('message', '')}"))
+            for choice in event.get("choices") or ():
+                piece = (choice.get("delta") or {}).get("content") if spec.type == "chat" else choice.get("text")
+                if piece:
+                    pieces.append(piece)
+                    if on_text is not None:
+                        on_text(piece)
+                finish_reason = choice.get("finish_reason") or finish_reason
+            usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
+    except Aborted as exc:
+        reason = str(exc)
+        return P.Done(task_id, error=P.TaskError(reason, f"aborted ({reason}); llama.cpp request closed"))
     except TimeoutError:
-        return P.Done(task_id, error=P.TaskError("timeout", f"no answer from llama.cpp within {remaining:.1f}s"))
+        return P.Done(task_id, error=P.TaskError("timeout", f"did not finish within {spec.timeout_s:g}s"))
+    except LlamaHTTPError as exc:
+        return P.Done(task_id, error=P.TaskError("llama_rejected", str(exc)))
     except (OSError, http.client.HTTPException, ValueError) as exc:
         return P.Done(task_id, error=P.TaskError("llama_unavailable", f"{type(exc).__name__}: {exc}"))
-    if status != 200:
-        err = data.get("error") if isinstance(data, dict) else None
-        code = (err or {}).get("type") or f"http_{status}"
-        message = (err or {}).get("message") or f"llama.cpp answered {status}"
-        return P.Done(task_id, error=P.TaskError("llama_rejected", f"{code}: {message}"))
     try:
-        choice = data["choices"][0]
-        text = choice["message"]["content"] if spec.type == "chat" else choice["text"]
-        usage = data.get("usage") or {}
-        timings = data.get("timings")
         return P.Done(task_id, result=P.TaskResult(
-            text=text or "",
-            finish_reason=choice.get("finish_reason") or "",
+            text="".join(pieces),
+            finish_reason=finish_reason,
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
             model=model,
             timings=msgspec.convert(timings, P.Timings) if timings else None,
         ))
-    except (KeyError, IndexError, TypeError, msgspec.ValidationError) as exc:
-        return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected answer shape: {exc}"))
+    except msgspec.ValidationError as exc:
+        return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected timings: {exc}"))
 
 
 class Launcher:
@@ -173,6 +287,7 @@ class Launcher:
         poller.register(self.results, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
+        health_failures = 0
         while not self._stop:
             ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000))))
             if self.results in ready:
@@ -183,6 +298,7 @@ class Launcher:
                         break
                     done = msgspec.msgpack.decode(payload, type=P.Done)
                     self.running.discard(done.task_id)
+                    self.client.forget(done.task_id)
                     self.sock.send(payload)
                     self._send(P.Credit(1))
             if self.sock in ready:
@@ -196,6 +312,9 @@ class Launcher:
                     if isinstance(msg, P.Dispatch):
                         self.running.add(msg.task_id)
                         self.pool.submit(self._run, msg.task_id, msg.spec, msg.deadline)
+                    elif isinstance(msg, P.Abort):
+                        if msg.task_id in self.running:
+                            self.client.abort(msg.task_id, msg.reason)
                     elif isinstance(msg, P.Disconnect):
                         log.info("%s: broker asked us to register again", self.name)
                         poller.unregister(self.sock)
@@ -212,8 +331,13 @@ class Launcher:
                     poller.register(self.sock, zmq.POLLIN)
                 else:
                     self._send(P.Heartbeat())
-                if not self.server.health(timeout=5.0):
-                    raise ServerStartError("llama.cpp stopped answering /health")
+                if self.server.health(timeout=2.0):
+                    health_failures = 0
+                else:
+                    health_failures += 1
+                    log.warning("%s: llama.cpp /health failed (%d in a row)", self.name, health_failures)
+                    if health_failures >= HEALTH_FAILURES_FATAL:
+                        raise ServerStartError("llama.cpp stopped answering /health")
         self._send(P.Disconnect())
         self.close()
 
