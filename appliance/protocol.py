@@ -163,6 +163,7 @@ class TaskInfo(_Msg):
 class WorkerStats(Struct):
     name: str
     model: str
+    endpoint: str                  # the llama.cpp server's base URL
     slots: int
     running: int
     credit: int

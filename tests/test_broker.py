@@ -196,3 +196,156 @@ def test_unknown_worker_is_asked_to_register(broker):
     broker.peers.append(stranger)
     stranger.send(P.Credit(1))
     assert isinstance(stranger.recv_not(P.Heartbeat), P.Disconnect)
+
+
+def cancel(client: Peer, task_id: str):
+    client.send(P.Cancel(7, task_id))
+    return client.recv()
+
+
+def stats(client: Peer) -> P.Stats:
+    client.send(P.GetStats(8))
+    reply = client.recv()
+    assert isinstance(reply, P.Stats), reply
+    return reply
+
+
+def test_cancel_a_queued_task(broker):
+    c = broker.client()
+    keep, drop = submit(c, 1), submit(c, 2)
+    reply = cancel(c, drop)
+    assert isinstance(reply, P.TaskInfo) and reply.task.state == "cancelled"
+    again = cancel(c, drop)
+    assert isinstance(again, P.Refused) and again.code == "already_final"
+    unknown = cancel(c, "e" * 32)
+    assert isinstance(unknown, P.Refused) and unknown.code == "not_found"
+    w = broker.worker("w1", slots=2)
+    assert w.recv_not(P.Heartbeat).task_id == keep
+    assert w.recv_not(P.Heartbeat, timeout=0.5) is None  # the cancelled one never runs
+    assert stats(c).finished == {"cancelled": 1}
+
+
+def test_cancel_a_running_task_aborts_it_on_its_worker(broker):
+    c = broker.client()
+    task_id = submit(c, 1)
+    w = broker.worker("w1", slots=1)
+    assert w.recv_not(P.Heartbeat).task_id == task_id
+    assert cancel(c, task_id).task.state == "cancelled"
+    abort = w.recv_not(P.Heartbeat)
+    assert abort == P.Abort(task_id, "cancelled")
+    # the worker's late answer does not resurrect it
+    w.send(P.Done(task_id, error=P.TaskError("cancelled", "aborted")))
+    w.send(P.Credit(1))
+    time.sleep(0.2)
+    assert query(c, task_id).state == "cancelled"
+
+
+def test_queued_task_past_its_deadline_expires(broker):
+    c = broker.client()
+    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=0.3)))
+    task_id = c.recv().task_id
+    time.sleep(0.6)
+    rec = query(c, task_id)
+    assert rec.state == "expired" and rec.error.code == "deadline"
+
+
+def test_running_task_past_its_deadline_is_aborted_and_failed(broker):
+    c = broker.client()
+    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=0.5)))
+    task_id = c.recv().task_id
+    w = broker.worker("w1", slots=1)
+    assert w.recv_not(P.Heartbeat).task_id == task_id
+    assert w.recv_not(P.Heartbeat, timeout=2) == P.Abort(task_id, "timeout")
+    rec = query(c, task_id)
+    assert rec.state == "failed" and rec.error.code == "timeout"
+
+
+def test_timeout_over_the_configured_bound_is_refused(broker):
+    c = broker.client()
+    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=10_000)))
+    reply = c.recv()
+    assert isinstance(reply, P.Refused) and reply.code == "invalid_field" and "timeout_s" in reply.message
+
+
+def test_batch_is_all_or_nothing(broker):
+    c = broker.client()
+    specs = [P.TaskSpec(type="complete", prompt=str(i)) for i in range(3)]
+    c.send(P.SubmitBatch(1, specs))
+    ok = c.recv()
+    assert isinstance(ok, P.BatchAccepted) and len(set(ok.task_ids)) == 3
+    c.send(P.SubmitBatch(2, specs))  # 3 more do not fit in 5
+    full = c.recv()
+    assert isinstance(full, P.Refused) and full.code == "queue_full"
+    c.send(P.SubmitBatch(3, [specs[0], P.TaskSpec(type="complete")]))
+    bad = c.recv()
+    assert isinstance(bad, P.Refused) and bad.code == "invalid_field" and bad.message.startswith("tasks[1].prompt")
+    assert stats(c).queued == 3  # neither refused batch left anything behind
+
+
+def test_status_shows_queue_position(broker):
+    c = broker.client()
+    ids = [submit(c, i, p) for i, p in enumerate(["low", "normal", "normal", "critical"])]
+    for task_id, expected in zip(ids, [3, 1, 2, 0]):
+        c.send(P.Query(1, task_id))
+        assert c.recv().position == expected
+
+
+def test_stats_and_health(broker):
+    c = broker.client()
+    for i, p in enumerate(["low", "low", "critical"]):
+        submit(c, i, p)
+    st = stats(c)
+    assert st.depth == {"critical": 1, "high": 0, "normal": 0, "low": 2, "batch": 0}
+    assert st.queued == 3 and st.max_size == 5
+    assert st.health == "stalled" and "no model instance" in st.health_reason  # queued, nobody to run it
+    w = broker.worker("w1", slots=3)
+    got = [w.recv_not(P.Heartbeat) for _ in range(3)]
+    for d in got:
+        w.send(P.Done(d.task_id, result=P.TaskResult(text="")))
+    time.sleep(0.2)
+    st = stats(c)
+    assert st.health == "healthy" and st.finished == {"completed": 3} and st.completed_per_min == 3
+    assert [(x.name, x.slots, x.running) for x in st.workers] == [("w1", 3, 0)]
+    assert st.dispatch_p50_ms > 0
+
+
+def test_a_task_lost_twice_fails_worker_lost(broker):
+    c = broker.client()
+    task_id = submit(c, 1)
+    for name in ("a", "b"):
+        w = broker.worker(name, slots=1)
+        assert w.recv_not(P.Heartbeat).task_id == task_id
+        w.send(P.Disconnect())
+        time.sleep(0.1)
+    rec = query(c, task_id)
+    assert rec.state == "failed" and rec.error.code == "worker_lost"
+
+
+@pytest.fixture
+def short_ttl(tmp_path):
+    return load_settings({"APPLIANCE_HOME": str(tmp_path), "RESULT_TTL_S": "0.5", "RESULT_TOMBSTONE_S": "1"})
+
+
+def test_results_expire_then_are_forgotten(short_ttl, monkeypatch):
+    import appliance.broker.server as server
+    monkeypatch.setattr(server, "FINISHED_CACHE", 1)  # older records come from the journal
+    monkeypatch.setattr(server, "EXPIRE_EVERY_S", 0.1)
+    b = Running(short_ttl)
+    try:
+        c = b.client()
+        ids = [submit(c, i) for i in range(2)]
+        w = b.worker("w1", slots=2)
+        for _ in range(2):
+            d = w.recv_not(P.Heartbeat)
+            w.send(P.Done(d.task_id, result=P.TaskResult(text="phi")))
+        time.sleep(0.2)
+        assert [query(c, t).result.text for t in ids] == ["phi", "phi"]  # one from cache, one from SQLite
+        time.sleep(0.6)
+        for t in ids:
+            rec = query(c, t)
+            assert rec.state == "completed" and rec.result_expired and rec.result is None
+        time.sleep(1.2)
+        c.send(P.Query(1, ids[0]))
+        assert c.recv().code == "not_found"
+    finally:
+        b.stop()

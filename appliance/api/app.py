@@ -188,7 +188,7 @@ class Stats:
 
     def on_get(self, req, resp):
         stats = self.api.call(lambda r: P.GetStats(r))
-        body = msgspec.to_builtins(stats)
+        body = msgspec.structs.asdict(stats)  # array-like on the wire, an object here
         del body["req"]
         _json(resp, body)
 

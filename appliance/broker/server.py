@@ -367,7 +367,7 @@ class Broker:
             queued=queued,
             running=sum(len(w.running) for w in self.workers.values()),
             max_size=self.s.queue_max_size,
-            workers=[P.WorkerStats(w.name, w.model, w.slots, len(w.running), w.credit)
+            workers=[P.WorkerStats(w.name, w.model, w.endpoint, w.slots, len(w.running), w.credit)
                      for w in self.workers.values()],
             dispatch_p50_ms=_pct(lat, 50), dispatch_p95_ms=_pct(lat, 95), dispatch_p99_ms=_pct(lat, 99),
             completed_per_min=float(len(self._finished_at)),
