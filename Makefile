@@ -30,5 +30,11 @@ $(VENV)/.installed-test: $(VENV)/bin/python $(SRC)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+# Benchmarks (not part of the tests): Celery + Redis are the baseline of part 3.
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	$(BIN)/python loadtest/bench_broker.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info native/*.c appliance/broker/_pqueue*.so
