@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
 
     broker_front: str = ""
     broker_back: str = ""
+    broker_events: str = ""
     telemetry_endpoint: str = ""
     queue_max_size: Annotated[int, Meta(ge=1)] = 1000
     queue_aging_s: Annotated[float, Meta(ge=0)] = 30.0
@@ -126,8 +127,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     run = Path(s.run_dir)
     s.broker_front = s.broker_front or f"ipc://{run}/broker-front.ipc"
     s.broker_back = s.broker_back or f"ipc://{run}/broker-back.ipc"
+    s.broker_events = s.broker_events or f"ipc://{run}/broker-events.ipc"
     s.telemetry_endpoint = s.telemetry_endpoint or f"ipc://{run}/telemetry.ipc"
-    for endpoint in (s.broker_front, s.broker_back, s.telemetry_endpoint):
+    for endpoint in (s.broker_front, s.broker_back, s.broker_events, s.telemetry_endpoint):
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")
     return s

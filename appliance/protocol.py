@@ -11,7 +11,7 @@ schema and no copy.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -38,12 +38,22 @@ class ChatMessage(Struct, forbid_unknown_fields=True):
     content: Annotated[str, Meta(max_length=1_000_000)]
 
 
-class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """What a client asks for. `chat` needs messages, `complete` needs a prompt."""
+TaskType = Literal["chat", "complete", "embed", "extract"]
 
-    type: Literal["chat", "complete"]
+
+class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a client asks for.
+
+    `chat` needs messages; `complete` a prompt; `embed` texts; `extract` messages and
+    a JSON schema (`json_schema`), and its result is JSON valid against that schema,
+    produced by llama.cpp's grammar-constrained decoding.
+    """
+
+    type: TaskType
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1000)] | None = None
     prompt: Annotated[str, Meta(max_length=1_000_000)] | None = None
+    texts: Annotated[list[Annotated[str, Meta(max_length=100_000)]], Meta(min_length=1, max_length=256)] | None = None
+    json_schema: dict[str, Any] | None = None
     max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
     temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
@@ -52,10 +62,21 @@ class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
 
     def check(self, timeout_max_s: float | None = None) -> tuple[str, str] | None:
         """Rules msgspec cannot express (cross-field, configured bounds): (field, message) or None."""
-        if self.type == "chat" and not self.messages:
-            return "messages", "a chat task needs `messages`"
+        if self.type in ("chat", "extract") and not self.messages:
+            return "messages", f"a {self.type} task needs `messages`"
         if self.type == "complete" and self.prompt is None:
             return "prompt", "a complete task needs `prompt`"
+        if self.type == "embed" and not self.texts:
+            return "texts", "an embed task needs `texts`"
+        if self.type == "extract":
+            if not self.json_schema:
+                return "json_schema", "an extract task needs `json_schema`"
+            from .llama.grammar import SchemaError, schema_to_gbnf  # the launcher's own check
+
+            try:
+                schema_to_gbnf(self.json_schema)
+            except SchemaError as exc:
+                return "json_schema", str(exc)
         if timeout_max_s is not None and self.timeout_s > timeout_max_s:
             return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
         return None
@@ -72,7 +93,9 @@ class Timings(Struct, omit_defaults=True):
 
 
 class TaskResult(Struct, omit_defaults=True):
-    text: str
+    text: str = ""
+    data: Any = None                           # extract: the parsed JSON
+    embeddings: list[list[float]] | None = None  # embed: one vector per text
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -110,9 +133,15 @@ class _Msg(Struct, tag=True, array_like=True):
 
 
 class Submit(_Msg):
+    """`task_id` may be proposed by the API (so it can subscribe to the task's events
+    before submitting); with an `idempotency_key` already seen for this tenant, the
+    broker answers with the earlier task instead of creating one."""
+
     req: int
     spec: TaskSpec
     tenant: str = ""
+    task_id: str | None = None
+    idempotency_key: str | None = None
 
 
 class SubmitBatch(_Msg):
@@ -157,7 +186,9 @@ class BatchAccepted(_Msg):
 class TaskInfo(_Msg):
     req: int
     task: TaskRecord
-    position: int | None = None  # tasks ahead of a queued one, None otherwise
+    position: int | None = None      # tasks ahead of a queued one, None otherwise
+    text_so_far: str | None = None   # a running task's generated text until now
+    tokens_seq: int = 0              # the last Tokens message included in text_so_far
 
 
 class WorkerStats(Struct):
@@ -193,6 +224,7 @@ class Pong(_Msg):
     queued: int
     running: int
     gpu_state: str
+    models: list[str] = []
 
 
 class Refused(_Msg):
@@ -241,6 +273,23 @@ class Abort(_Msg):
     reason: Literal["cancelled", "timeout"]
 
 
+class Tokens(_Msg):
+    """Generated text as it comes: worker -> broker, then broker -> subscribers (PUB).
+
+    `seq` counts a task's Tokens messages from 1; pieces are coalesced (about every
+    TOKEN_FLUSH_S) so a fast model does not send a message per token."""
+
+    task_id: str
+    seq: int
+    text: str
+
+
+class Final(_Msg):
+    """broker -> subscribers (PUB): the task reached a final state."""
+
+    task: TaskRecord
+
+
 class Heartbeat(_Msg):
     pass
 
@@ -270,10 +319,14 @@ class Telemetry(_Msg):
 
 
 TELEMETRY_TOPIC = b"gpu"
+TOKEN_FLUSH_S = 0.02
+
+# Events PUB (broker): two frames, the task id (ascii, the topic) and the message.
+TaskEvent = Union[Tokens, Final]
 
 FrontRequest = Union[Submit, SubmitBatch, Query, Cancel, Ping, GetStats]
 FrontReply = Union[Accepted, BatchAccepted, TaskInfo, Pong, Stats, Refused]
-WorkerToBroker = Union[Ready, Credit, Done, Heartbeat, Disconnect]
+WorkerToBroker = Union[Ready, Credit, Done, Tokens, Heartbeat, Disconnect]
 BrokerToWorker = Union[Dispatch, Abort, Heartbeat, Disconnect]
 
 encode = msgspec.msgpack.Encoder().encode
@@ -282,3 +335,4 @@ front_reply = msgspec.msgpack.Decoder(FrontReply)
 worker_to_broker = msgspec.msgpack.Decoder(WorkerToBroker)
 broker_to_worker = msgspec.msgpack.Decoder(BrokerToWorker)
 telemetry = msgspec.msgpack.Decoder(Telemetry)
+task_event = msgspec.msgpack.Decoder(TaskEvent)

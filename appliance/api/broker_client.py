@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
 import threading
 from collections import deque
 
@@ -38,10 +39,37 @@ class _Waiter:
         self.reply = None
 
 
+class Watch:
+    """Events (Tokens, Final) of one task, as the broker publishes them."""
+
+    def __init__(self, client: "BrokerClient", task_id: str):
+        self.client = client
+        self.task_id = task_id
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def get(self, timeout: float):
+        """The next event, or None after `timeout` seconds."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.client._unwatch(self)
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class BrokerClient:
-    def __init__(self, endpoint: str, timeout_s: float):
+    def __init__(self, endpoint: str, timeout_s: float, events_endpoint: str | None = None):
         self.endpoint = endpoint
+        self.events_endpoint = events_endpoint
         self.timeout_s = timeout_s
+        self._watches: dict[bytes, list[Watch]] = {}
         self.pid = os.getpid()
         self._ctx = zmq.Context()
         self._inbox_addr = f"inproc://broker-client-{id(self)}"
@@ -63,10 +91,16 @@ class BrokerClient:
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.connect(self.endpoint)
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 0)  # never drop a Final because a stream was slow
+        if self.events_endpoint:
+            sub.connect(self.events_endpoint)
         self._started.set()
         poller = zmq.Poller()
         poller.register(inbox, zmq.POLLIN)
         poller.register(dealer, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
         unsent: deque[tuple[int, bytes]] = deque()
         while True:
             ready = dict(poller.poll(20 if unsent else None))
@@ -81,7 +115,29 @@ class BrokerClient:
                         req_b, payload = inbox.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._send(dealer, int.from_bytes(req_b, "little"), payload, unsent)
+                    if req_b == b"S":    # subscribe to a task's events
+                        sub.setsockopt(zmq.SUBSCRIBE, payload)
+                    elif req_b == b"U":
+                        sub.setsockopt(zmq.UNSUBSCRIBE, payload)
+                    else:
+                        self._send(dealer, int.from_bytes(req_b, "little"), payload, unsent)
+            if sub in ready:
+                while True:
+                    try:
+                        topic, payload = sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except ValueError:
+                        continue
+                    with self._lock:
+                        watches = list(self._watches.get(topic, ()))
+                    if watches:
+                        try:
+                            event = P.task_event.decode(payload)
+                        except Exception:
+                            continue
+                        for w in watches:
+                            w.events.put(event)
             if dealer in ready:
                 while True:
                     try:
@@ -109,18 +165,45 @@ class BrokerClient:
             waiter.reply = reply
             waiter.event.set()
 
+    def _push_sock(self) -> zmq.Socket:
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._local.push = self._ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(self._inbox_addr)
+        return push
+
+    def watch(self, task_id: str) -> Watch:
+        """Start receiving a task's events; subscribe before asking, so none is missed
+        after the subscription is in place (callers still re-query on a gap)."""
+        w = Watch(self, task_id)
+        topic = task_id.encode()
+        with self._lock:
+            first = topic not in self._watches
+            self._watches.setdefault(topic, []).append(w)
+        if first:
+            self._push_sock().send_multipart([b"S", topic])
+        return w
+
+    def _unwatch(self, w: Watch) -> None:
+        topic = w.task_id.encode()
+        with self._lock:
+            watches = self._watches.get(topic, [])
+            if w in watches:
+                watches.remove(w)
+            last = not watches and topic in self._watches
+            if last:
+                del self._watches[topic]
+        if last:
+            self._push_sock().send_multipart([b"U", topic])
+
     def call(self, make_msg, timeout_s: float | None = None):
         """Send `make_msg(req)` and wait for the broker's reply to it."""
         req = next(self._reqs)
         waiter = _Waiter()
         with self._lock:
             self._pending[req] = waiter
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self._local.push = self._ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(self._inbox_addr)
-        push.send_multipart([req.to_bytes(8, "little"), P.encode(make_msg(req))])
+        self._push_sock().send_multipart([req.to_bytes(8, "little"), P.encode(make_msg(req))])
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not waiter.event.wait(limit):
             with self._lock:
@@ -133,10 +216,10 @@ _client: BrokerClient | None = None
 _client_lock = threading.Lock()
 
 
-def get_client(endpoint: str, timeout_s: float) -> BrokerClient:
+def get_client(endpoint: str, timeout_s: float, events_endpoint: str | None = None) -> BrokerClient:
     """One client per process, made after gunicorn's fork (threads do not survive a fork)."""
     global _client
     with _client_lock:
         if _client is None or _client.pid != os.getpid():
-            _client = BrokerClient(endpoint, timeout_s)
+            _client = BrokerClient(endpoint, timeout_s, events_endpoint)
         return _client

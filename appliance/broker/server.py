@@ -44,6 +44,9 @@ class Task:
     spec: P.TaskSpec
     deadline: float
     requeues: int = 0
+    idem: str | None = None                         # tenant + NUL + idempotency key
+    text: list[str] = field(default_factory=list)  # generated so far (Tokens)
+    tokens_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -72,12 +75,14 @@ class Broker:
         self.front = self.ctx.socket(zmq.ROUTER)
         self.back = self.ctx.socket(zmq.ROUTER)
         self.telemetry = self.ctx.socket(zmq.SUB)
-        for sock in (self.front, self.back, self.telemetry):
+        self.events = self.ctx.socket(zmq.PUB)
+        for sock in (self.front, self.back, self.telemetry, self.events):
             sock.setsockopt(zmq.LINGER, 0)
         # A restarted launcher reuses its identity; let the new connection take it over.
         self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.front.bind(settings.broker_front)
         self.back.bind(settings.broker_back)
+        self.events.bind(settings.broker_events)
         self.telemetry.setsockopt(zmq.SUBSCRIBE, P.TELEMETRY_TOPIC)
         self.telemetry.connect(settings.telemetry_endpoint)
 
@@ -86,6 +91,8 @@ class Broker:
         self.tasks: dict[str, Task] = {}           # live tasks only: queued or running
         self.by_seq: dict[int, str] = {}           # queued tasks, in arrival order
         self.finished: OrderedDict[str, P.TaskRecord] = OrderedDict()  # recent final records
+        self.idem: dict[str, str] = {}              # idempotency keys of live tasks -> task id
+        self._idem_release: list[str] = []
         self.workers: dict[bytes, Worker] = {}
         self.next_seq = 1
         self.gpu_state = "unknown"
@@ -106,9 +113,11 @@ class Broker:
         """Rebuild the queue from the journal; tasks that were running go back in line."""
         self.next_seq = self.journal.max_seq() + 1
         requeued = 0
-        for seq, rec, spec in self.journal.load_live():
-            task = Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s)
+        for seq, rec, spec, idem in self.journal.load_live():
+            task = Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem)
             self.tasks[rec.task_id] = task
+            if idem:
+                self.idem[idem] = rec.task_id
             if rec.state == "running":
                 rec.state, rec.started_at, rec.worker = "queued", None, None
                 requeued += 1
@@ -159,7 +168,7 @@ class Broker:
             self._send_worker(w.identity, P.Disconnect())
         self.journal.commit()
         self.journal.close()
-        for sock in (self.front, self.back, self.telemetry):
+        for sock in (self.front, self.back, self.telemetry, self.events):
             sock.close(0)
 
     @staticmethod
@@ -173,7 +182,10 @@ class Broker:
             if len(frames) != 2:
                 log.warning("dropped a message with %d frames", len(frames))
                 continue
-            handler(frames[0], frames[1])
+            try:
+                handler(frames[0], frames[1])
+            except Exception:  # a bug must cost one message, not the broker
+                log.exception("message handling failed; message dropped")
 
     def _drain_telemetry(self) -> None:
         while True:
@@ -247,7 +259,17 @@ class Broker:
             log.warning("undecodable client message dropped")
             return
         if isinstance(msg, P.Submit):
-            self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False)
+            if msg.idempotency_key is not None:
+                idem = f"{msg.tenant}\0{msg.idempotency_key}"
+                earlier = self.idem.get(idem) or self.journal.find_idempotent(idem)
+                if earlier is not None and (rec := self._lookup(earlier)) is not None:
+                    self._reply(identity, P.Accepted(msg.req, earlier, rec.state))
+                    return
+            if msg.task_id is not None and (len(msg.task_id) != 32 or self._lookup(msg.task_id) is not None):
+                self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
+                return
+            self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id,
+                            idem=f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key else None)
         elif isinstance(msg, P.SubmitBatch):
             self._on_submit(identity, msg.req, msg.specs, msg.tenant, batch=True)
         elif isinstance(msg, P.Query):
@@ -256,18 +278,24 @@ class Broker:
                 self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
             else:
                 task = self.tasks.get(msg.task_id)
-                pos = self.queue.position(task.seq) if task is not None and rec.state == "queued" else -1
-                self._reply(identity, P.TaskInfo(msg.req, rec, pos if pos >= 0 else None))
+                info = P.TaskInfo(msg.req, rec)
+                if task is not None and rec.state == "queued":
+                    info.position = self.queue.position(task.seq)
+                elif task is not None and rec.state == "running":
+                    info.text_so_far, info.tokens_seq = "".join(task.text), task.tokens_seq
+                self._reply(identity, info)
         elif isinstance(msg, P.Cancel):
             self._on_cancel(identity, msg)
         elif isinstance(msg, P.Ping):
             ready = sum(1 for w in self.workers.values() if w.slots > 0)
             running = sum(len(w.running) for w in self.workers.values())
-            self._reply(identity, P.Pong(msg.req, ready, len(self.queue), running, self.gpu_state))
+            models = sorted({w.model for w in self.workers.values()})
+            self._reply(identity, P.Pong(msg.req, ready, len(self.queue), running, self.gpu_state, models))
         elif isinstance(msg, P.GetStats):
             self._reply(identity, self._stats(msg.req))
 
-    def _on_submit(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool) -> None:
+    def _on_submit(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
+                   task_id: str | None = None, idem: str | None = None) -> None:
         """Queue one task or a whole batch; a batch is atomic: all or none."""
         for i, spec in enumerate(specs):
             problem = spec.check(self.s.task_timeout_max_s)
@@ -289,15 +317,18 @@ class Broker:
             seq = self.next_seq
             self.next_seq += 1
             self.queue.push(seq, P.LEVEL[spec.priority], now, tenant)  # room was checked above
-            task_id = uuid.uuid4().hex
+            task_id = task_id or uuid.uuid4().hex
             rec = P.TaskRecord(task_id=task_id, state="queued", type=spec.type, priority=spec.priority,
                                created_at=now, tenant=tenant)
-            task = Task(seq, rec, spec, deadline=now + spec.timeout_s)
+            task = Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem)
             self.tasks[task_id] = task
             self.by_seq[seq] = task_id
+            if idem:
+                self.idem[idem] = task_id
             heapq.heappush(self._deadlines, (task.deadline, seq, task_id))
-            self.journal.write(seq, rec, spec)
+            self.journal.write(seq, rec, spec, idem)
             ids.append(task_id)
+            task_id = None
         # Acknowledged only after the journal commit of this loop iteration.
         reply = P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued")
         self._acks.append((identity, P.encode(reply)))
@@ -322,6 +353,9 @@ class Broker:
             self.front.send_multipart([identity, payload])
         self._acks.clear()
         self._unacked.clear()
+        for idem in self._idem_release:
+            self.idem.pop(idem, None)
+        self._idem_release.clear()
 
     def _on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
         task = self.tasks.get(msg.task_id)
@@ -405,7 +439,13 @@ class Broker:
             self.workers[identity] = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, last_seen=now)
             log.info("worker %s ready: model=%s slots=%d at %s", msg.worker, msg.model, msg.slots, msg.endpoint)
             return
-        if isinstance(msg, P.Done):
+        if isinstance(msg, P.Tokens):
+            task = self.tasks.get(msg.task_id)
+            if task is not None and task.record.state == "running":
+                task.text.append(msg.text)
+                task.tokens_seq = msg.seq
+                self.events.send_multipart([msg.task_id.encode(), payload])
+        elif isinstance(msg, P.Done):
             self._on_done(worker, msg)  # a result is kept even from an unknown worker
         if worker is None:
             # We restarted (or dropped it): ask it to register again.
@@ -438,6 +478,9 @@ class Broker:
         rec.error = error
         self.by_seq.pop(task.seq, None)
         del self.tasks[rec.task_id]
+        if task.idem:  # forgotten here once the journal has it (after this loop's commit)
+            self._idem_release.append(task.idem)
+        self.events.send_multipart([rec.task_id.encode(), P.encode(P.Final(rec))])
         self.finished[rec.task_id] = rec
         if len(self.finished) > FINISHED_CACHE:
             self.finished.popitem(last=False)
@@ -458,6 +501,8 @@ class Broker:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker.name} lost twice"))
                 continue
             task.requeues += 1
+            task.text.clear()
+            task.tokens_seq = 0
             rec = task.record
             rec.state, rec.started_at, rec.worker = "queued", None, None
             self.by_seq[task.seq] = task_id

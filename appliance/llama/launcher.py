@@ -17,11 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import jsonschema
 import msgspec
 import zmq
 
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
+from .grammar import schema_to_gbnf
 from .server import ServerStartError, start_server
 from .tinymodel import ensure_tiny_model
 
@@ -88,12 +90,9 @@ class LlamaClient:
             self._active.pop(key, None)
             return self._aborted.get(key)
 
-    def stream(self, key: str, path: str, body: dict, deadline: float):
-        """POST with stream=true; yield each SSE event's JSON until [DONE].
-
-        Raises Aborted, TimeoutError, LlamaHTTPError, or OSError/HTTPException.
-        """
-        payload = json.dumps({**body, "stream": True}).encode()
+    def _open(self, key: str, path: str, body: dict, deadline: float) -> http.client.HTTPResponse:
+        """Send the request on this thread's connection; the response's headers are read."""
+        payload = json.dumps(body).encode()
         timeout = max(0.001, deadline - time.time())
         for attempt in (0, 1):  # a kept-alive connection the server closed: retry once
             conn = self._conn(timeout)
@@ -104,21 +103,46 @@ class LlamaClient:
             try:
                 conn.request("POST", path, payload, {"Content-Type": "application/json"})
                 resp = conn.getresponse()
-                break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self._drop_conn()
                 if (reason := self._aborted_reason(key)) is not None:
                     raise Aborted(reason) from exc
                 if attempt:
                     raise
+                continue
             except BaseException as exc:
                 self._drop_conn()
                 if (reason := self._aborted_reason(key)) is not None:
                     raise Aborted(reason) from exc
                 raise
-        try:
             if resp.status != 200:
-                raise LlamaHTTPError(resp.status, resp.read())
+                data = resp.read()
+                self._aborted_reason(key)
+                raise LlamaHTTPError(resp.status, data)
+            return resp
+        raise AssertionError("unreachable")
+
+    def post_json(self, key: str, path: str, body: dict, deadline: float) -> dict:
+        """A plain (non-streamed) request, abortable like a stream."""
+        resp = self._open(key, path, body, deadline)
+        try:
+            data = resp.read()
+        except BaseException as exc:
+            self._drop_conn()
+            if (reason := self._aborted_reason(key)) is not None:
+                raise Aborted(reason) from exc
+            raise
+        if (reason := self._aborted_reason(key)) is not None:
+            raise Aborted(reason)
+        return json.loads(data)
+
+    def stream(self, key: str, path: str, body: dict, deadline: float):
+        """POST with stream=true; yield each SSE event's JSON until [DONE].
+
+        Raises Aborted, TimeoutError, LlamaHTTPError, or OSError/HTTPException.
+        """
+        resp = self._open(key, path, {**body, "stream": True}, deadline)
+        try:
             for raw in resp:
                 if time.time() > deadline:
                     raise TimeoutError("deadline passed while generating")
@@ -159,16 +183,34 @@ class LlamaHTTPError(Exception):
 
 def request_for(spec: P.TaskSpec) -> tuple[str, dict]:
     """The llama.cpp (OpenAI-style) request that runs this task."""
+    if spec.type == "embed":
+        return "/v1/embeddings", {"input": spec.texts}
     body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}}
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
     if spec.seed is not None:
         body["seed"] = spec.seed
-    if spec.type == "chat":
-        body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages or ()]
-        return "/v1/chat/completions", body
-    body["prompt"] = spec.prompt
-    return "/v1/completions", body
+    if spec.type == "complete":
+        body["prompt"] = spec.prompt
+        return "/v1/completions", body
+    body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages or ()]
+    if spec.type == "extract":
+        body["grammar"] = schema_to_gbnf(spec.json_schema)
+    return "/v1/chat/completions", body
+
+
+def _failure(task_id: str, exc: BaseException, spec: P.TaskSpec) -> P.Done:
+    """Every way a llama.cpp request can go wrong, as a Done with a stable code."""
+    if isinstance(exc, Aborted):
+        return P.Done(task_id, error=P.TaskError(str(exc), f"aborted ({exc}); llama.cpp request closed"))
+    if isinstance(exc, TimeoutError):
+        return P.Done(task_id, error=P.TaskError("timeout", f"did not finish within {spec.timeout_s:g}s"))
+    if isinstance(exc, LlamaHTTPError):
+        return P.Done(task_id, error=P.TaskError("llama_rejected", str(exc)))
+    return P.Done(task_id, error=P.TaskError("llama_unavailable", f"{type(exc).__name__}: {exc}"))
+
+
+_REQUEST_ERRORS = (Aborted, TimeoutError, LlamaHTTPError, OSError, http.client.HTTPException, ValueError)
 
 
 def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, deadline: float,
@@ -180,6 +222,19 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
     if deadline - time.time() <= 0:
         return P.Done(task_id, error=P.TaskError("timeout", "deadline passed before the model started"))
     path, body = request_for(spec)
+    if spec.type == "embed":
+        try:
+            data = client.post_json(task_id, path, body, deadline)
+        except _REQUEST_ERRORS as exc:
+            return _failure(task_id, exc, spec)
+        try:
+            rows = sorted(data["data"], key=lambda d: d["index"])
+            vectors = [[float(v) for v in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError) as exc:
+            return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected answer shape: {exc}"))
+        usage = data.get("usage") or {}
+        return P.Done(task_id, result=P.TaskResult(embeddings=vectors, model=model,
+                                                   prompt_tokens=usage.get("prompt_tokens", 0)))
     pieces: list[str] = []
     finish_reason, usage, timings = "", {}, None
     try:
@@ -189,7 +244,7 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
                 return P.Done(task_id, error=P.TaskError(
                     "llama_rejected", f"{err.get('type', 'error')}: {err.get('message', '')}"))
             for choice in event.get("choices") or ():
-                piece = (choice.get("delta") or {}).get("content") if spec.type == "chat" else choice.get("text")
+                piece = (choice.get("delta") or {}).get("content") if spec.type != "complete" else choice.get("text")
                 if piece:
                     pieces.append(piece)
                     if on_text is not None:
@@ -197,18 +252,22 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
                 finish_reason = choice.get("finish_reason") or finish_reason
             usage = event.get("usage") or usage
             timings = event.get("timings") or timings
-    except Aborted as exc:
-        reason = str(exc)
-        return P.Done(task_id, error=P.TaskError(reason, f"aborted ({reason}); llama.cpp request closed"))
-    except TimeoutError:
-        return P.Done(task_id, error=P.TaskError("timeout", f"did not finish within {spec.timeout_s:g}s"))
-    except LlamaHTTPError as exc:
-        return P.Done(task_id, error=P.TaskError("llama_rejected", str(exc)))
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        return P.Done(task_id, error=P.TaskError("llama_unavailable", f"{type(exc).__name__}: {exc}"))
+    except _REQUEST_ERRORS as exc:
+        return _failure(task_id, exc, spec)
+    text = "".join(pieces)
+    data = None
+    if spec.type == "extract":
+        try:
+            data = json.loads(text)
+            jsonschema.validate(data, spec.json_schema)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            why = "cut off by max_tokens" if finish_reason == "length" else str(exc).splitlines()[0]
+            return P.Done(task_id, error=P.TaskError("extract_invalid", f"output is not valid against the "
+                                                     f"schema: {why}"))
     try:
         return P.Done(task_id, result=P.TaskResult(
-            text="".join(pieces),
+            text=text,
+            data=data,
             finish_reason=finish_reason,
             prompt_tokens=usage.get("prompt_tokens", 0),
             completion_tokens=usage.get("completion_tokens", 0),
@@ -269,15 +328,33 @@ class Launcher:
 
     # --------------------------------------------------------------- task side
     def _run(self, task_id: str, spec: P.TaskSpec, deadline: float) -> None:
-        try:
-            done = run_task(self.client, self.s.model_name, task_id, spec, deadline)
-        except Exception as exc:  # never lose a task to a bug here
-            log.exception("task failed unexpectedly")
-            done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
         push = getattr(self._push, "sock", None)
         if push is None:
             push = self._push.sock = self.ctx.socket(zmq.PUSH)
             push.connect(self.results_addr)
+        buffered: list[str] = []
+        seq = 0
+        last_flush = time.monotonic()
+
+        def flush() -> None:
+            nonlocal seq, last_flush
+            if buffered:
+                seq += 1
+                push.send(P.encode(P.Tokens(task_id, seq, "".join(buffered))))
+                buffered.clear()
+            last_flush = time.monotonic()
+
+        def on_text(piece: str) -> None:
+            buffered.append(piece)
+            if time.monotonic() - last_flush >= P.TOKEN_FLUSH_S:
+                flush()
+
+        try:
+            done = run_task(self.client, self.s.model_name, task_id, spec, deadline, on_text)
+        except Exception as exc:  # never lose a task to a bug here
+            log.exception("task failed unexpectedly")
+            done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
+        flush()  # the last tokens go before the Done, on the same socket: in order
         push.send(P.encode(done))
 
     # --------------------------------------------------------------- main loop
@@ -296,11 +373,12 @@ class Launcher:
                         payload = self.results.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    done = msgspec.msgpack.decode(payload, type=P.Done)
-                    self.running.discard(done.task_id)
-                    self.client.forget(done.task_id)
+                    msg = P.worker_to_broker.decode(payload)
                     self.sock.send(payload)
-                    self._send(P.Credit(1))
+                    if isinstance(msg, P.Done):
+                        self.running.discard(msg.task_id)
+                        self.client.forget(msg.task_id)
+                        self._send(P.Credit(1))
             if self.sock in ready:
                 self.broker_seen = time.monotonic()
                 while True:

@@ -71,6 +71,8 @@ class EmbeddedServer(_Base):
         p.cpuparams_batch.n_threads = s.llama_threads
         p.n_threads_http = max(2, s.llama_slots + 1)
         p.n_gpu_layers = s.llama_gpu_layers
+        p.embedding = True  # the same instance serves `embed` tasks (mean pooling)
+        p.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         p.endpoint_slots = True
         p.endpoint_metrics = True
         p.model_alias = {alias}
@@ -104,7 +106,7 @@ class ExternalServer(_Base):
         cmd = [
             s.llama_server_bin, "--model", str(s.model_file), "--host", s.llama_host, "--port", str(port),
             "--ctx-size", str(s.llama_ctx), "--parallel", str(s.llama_slots), "--threads", str(s.llama_threads),
-            "--n-gpu-layers", str(s.llama_gpu_layers), "--alias", alias, "--slots", "--metrics",
+            "--n-gpu-layers", str(s.llama_gpu_layers), "--alias", alias, "--slots", "--metrics", "--embeddings", "--pooling", "mean",
         ]
         try:
             self._proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)

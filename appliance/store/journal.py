@@ -24,14 +24,19 @@ _rec = msgspec.msgpack.Decoder(TaskRecord)
 _spec = msgspec.msgpack.Decoder(TaskSpec)
 _res = msgspec.msgpack.Decoder(TaskResult)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each migration takes the schema from version N to N+1.
+_MIGRATIONS = {
+    1: ["ALTER TABLE tasks ADD COLUMN idem TEXT"],
+}
 
 
 class Journal(Protocol):
-    def load_live(self) -> Iterator[tuple[int, TaskRecord, TaskSpec]]: ...
+    def load_live(self) -> Iterator[tuple[int, TaskRecord, TaskSpec, str | None]]: ...
     def max_seq(self) -> int: ...
     def get(self, task_id: str) -> TaskRecord | None: ...
-    def write(self, seq: int, record: TaskRecord, spec: TaskSpec | None = None) -> None: ...
+    def find_idempotent(self, idem: str) -> str | None: ...
+    def write(self, seq: int, record: TaskRecord, spec: TaskSpec | None = None, idem: str | None = None) -> None: ...
     def commit(self) -> None: ...
     def expire(self, results_before: float, records_before: float) -> tuple[int, int]: ...
     def close(self) -> None: ...
@@ -46,14 +51,20 @@ class SqliteJournal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(f"journal {path} has schema {version}; this broker knows {SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"journal {path} has schema {version}; this broker knows up to {SCHEMA_VERSION}")
+        if version == 0 and self._db.execute("SELECT 1 FROM sqlite_master WHERE name='tasks'").fetchone():
+            raise RuntimeError(f"journal {path} predates schema versions (a development build); move it away")
+        for v in range(version, SCHEMA_VERSION) if version else ():  # 0: a new file, created below
+            for statement in _MIGRATIONS[v]:
+                self._db.execute(statement)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS tasks ("
             " task_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL,"
             " final INTEGER NOT NULL, finished_at REAL, record BLOB NOT NULL, result BLOB,"
-            " result_expired INTEGER NOT NULL DEFAULT 0, spec BLOB NOT NULL)"
+            " result_expired INTEGER NOT NULL DEFAULT 0, spec BLOB NOT NULL, idem TEXT)"
         )
+        self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS tasks_idem ON tasks(idem) WHERE idem IS NOT NULL")
         self._db.execute("CREATE INDEX IF NOT EXISTS tasks_live ON tasks(final, seq)")
         self._db.execute("CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at)")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -70,10 +81,10 @@ class SqliteJournal:
         finally:
             record.result = result
 
-    def load_live(self) -> Iterator[tuple[int, TaskRecord, TaskSpec]]:
-        rows = self._db.execute("SELECT seq, record, spec FROM tasks WHERE final=0 ORDER BY seq")
-        for seq, rec, spec in rows.fetchall():
-            yield seq, _rec.decode(rec), _spec.decode(spec)
+    def load_live(self) -> Iterator[tuple[int, TaskRecord, TaskSpec, str | None]]:
+        rows = self._db.execute("SELECT seq, record, spec, idem FROM tasks WHERE final=0 ORDER BY seq")
+        for seq, rec, spec, idem in rows.fetchall():
+            yield seq, _rec.decode(rec), _spec.decode(spec), idem
 
     def max_seq(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()[0]
@@ -88,13 +99,17 @@ class SqliteJournal:
         rec.result_expired = bool(row[2])
         return rec
 
-    def write(self, seq: int, record: TaskRecord, spec: TaskSpec | None = None) -> None:
+    def find_idempotent(self, idem: str) -> str | None:
+        row = self._db.execute("SELECT task_id FROM tasks WHERE idem=?", (idem,)).fetchone()
+        return row[0] if row else None
+
+    def write(self, seq: int, record: TaskRecord, spec: TaskSpec | None = None, idem: str | None = None) -> None:
         """Buffer a new task (with its spec) or a new state of a known one (without)."""
         final = record.state in FINAL_STATES
         rec, res = self._split(record)
         if spec is not None:
             self._inserts.append((record.task_id, seq, record.state, final, record.finished_at, rec, res,
-                                  _enc.encode(spec)))
+                                  _enc.encode(spec), idem))
         else:
             self._updates.append((record.state, final, record.finished_at, rec, res, record.task_id))
 
@@ -106,7 +121,7 @@ class SqliteJournal:
             db.execute("BEGIN")
             if self._inserts:
                 db.executemany("INSERT OR REPLACE INTO tasks (task_id, seq, state, final, finished_at, record,"
-                               " result, spec) VALUES (?,?,?,?,?,?,?,?)", self._inserts)
+                               " result, spec, idem) VALUES (?,?,?,?,?,?,?,?,?)", self._inserts)
             if self._updates:
                 db.executemany("UPDATE tasks SET state=?, final=?, finished_at=?, record=?, result=?"
                                " WHERE task_id=?", self._updates)

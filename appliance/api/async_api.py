@@ -1,0 +1,166 @@
+"""The async task API: submit, batch, status, result, cancel, stream, stats, health."""
+from __future__ import annotations
+
+import falcon
+import msgspec
+
+from .. import protocol as P
+from .base import Api, json_response
+from .errors import ApiError, invalid_field
+from .follow import follow
+from .sse import KEEPALIVE, sse_event, sse_response
+
+class SubmitBatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    tasks: list[P.TaskSpec]
+
+
+def _links(task_id: str) -> dict:
+    return {"task_id": task_id, "status_url": f"/v1/async/status/{task_id}",
+            "result_url": f"/v1/async/result/{task_id}"}
+
+
+class Submit:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_post(self, req, resp):
+        spec = self.api.read_json(req, P.TaskSpec)
+        self.api.check_spec(spec)
+        accepted = self.api.call(lambda r: P.Submit(r, spec))
+        json_response(resp, {**_links(accepted.task_id), "state": accepted.state}, falcon.HTTP_202)
+
+
+class SubmitBatch:
+    """All or nothing: either every task is queued, or none is and the error says why."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_post(self, req, resp):
+        body = self.api.read_json(req, SubmitBatchBody)
+        if not 1 <= len(body.tasks) <= self.api.s.max_batch:
+            raise invalid_field("tasks", f"a batch holds 1 to {self.api.s.max_batch} tasks, not {len(body.tasks)}")
+        for i, spec in enumerate(body.tasks):
+            self.api.check_spec(spec, f"tasks[{i}].")
+        accepted = self.api.call(lambda r: P.SubmitBatch(r, body.tasks))
+        json_response(resp, {"tasks": [{**_links(t), "state": "queued"} for t in accepted.task_ids]}, falcon.HTTP_202)
+
+
+class Status:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp, task_id):
+        info = self.api.call(lambda r: P.Query(r, self.api.task_id(task_id)))
+        rec = info.task
+        rec.result = None  # status is small; the result endpoint carries the text
+        body = msgspec.to_builtins(rec)
+        if info.position is not None:
+            body["position"] = info.position
+        if info.text_so_far is not None:
+            body["text_so_far"] = info.text_so_far
+        json_response(resp, body)
+
+
+class Result:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp, task_id):
+        info = self.api.call(lambda r: P.Query(r, self.api.task_id(task_id)))
+        rec = info.task
+        if rec.state not in P.FINAL_STATES:
+            # Not done yet: 202 says "accepted, still processing"; poll again.
+            json_response(resp, {"task_id": rec.task_id, "state": rec.state}, falcon.HTTP_202)
+            resp.set_header("Retry-After", "1")
+            return
+        if rec.result_expired:
+            raise ApiError(410, "result_expired", f"results are kept {self.api.s.result_ttl_s:g}s after the task "
+                           "ends; this one is gone", {"state": rec.state, "finished_at": rec.finished_at})
+        json_response(resp, {"task_id": rec.task_id, "state": rec.state, "result": rec.result, "error": rec.error,
+                     "finished_at": rec.finished_at})
+
+
+class Cancel:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_post(self, req, resp, task_id):
+        info = self.api.call(lambda r: P.Cancel(r, self.api.task_id(task_id)))
+        json_response(resp, {"task_id": info.task.task_id, "state": info.task.state})
+
+
+class Stats:
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp):
+        stats = self.api.call(lambda r: P.GetStats(r))
+        body = msgspec.structs.asdict(stats)  # array-like on the wire, an object here
+        del body["req"]
+        json_response(resp, body)
+
+
+class Health:
+    """healthy / backing_up answer 200, stalled 503: a load balancer can act on it.
+
+    The rule (computed by the broker, see README): stalled when tasks are queued and
+    no instance is registered, or nothing was dispatched or finished for
+    HEALTH_STALL_S; backing_up when the queue is at 80 % of QUEUE_MAX_SIZE or its
+    oldest task has waited more than HEALTH_BACKLOG_WAIT_S; healthy otherwise.
+    """
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp):
+        st = self.api.call(lambda r: P.GetStats(r))
+        body = {"status": st.health, "reason": st.health_reason, "queued": st.queued, "running": st.running,
+                "workers": len(st.workers), "oldest_queued_s": st.oldest_queued_s,
+                "last_progress_s": st.last_progress_s}
+        json_response(resp, body, falcon.HTTP_503 if st.health == "stalled" else falcon.HTTP_200)
+
+
+
+
+class Stream:
+    """SSE: `token` events with text as llama.cpp produces it, then one `result` event
+    with the final record (or `error` if the task outlives the stream's patience)."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def on_get(self, req, resp, task_id):
+        task_id = self.api.task_id(task_id)
+        watch = self.api.broker().watch(task_id)  # before the first query: miss nothing
+        try:
+            info = self.api.call(lambda r: P.Query(r, task_id))  # 404 before any byte is sent
+        except BaseException:
+            watch.close()
+            raise
+        deadline = info.task.created_at + self.api.s.task_timeout_max_s + 5
+        sse_response(resp, self._events(task_id, deadline, watch))
+
+    def _events(self, task_id: str, deadline: float, watch):
+        for kind, value in follow(self.api, task_id, deadline, watch):
+            if kind == "text":
+                yield sse_event({"text": value}, "token")
+            elif kind == "final":
+                rec = msgspec.to_builtins(value)
+                yield sse_event(rec, "result")
+            elif kind == "idle":
+                yield KEEPALIVE
+            else:
+                yield sse_event({"error": {"code": "stream_timeout", "message": "the task did not end in time"}},
+                                "error")
+
+
+def add_routes(app: falcon.App, api: Api) -> None:
+    app.add_route("/v1/async/submit", Submit(api))
+    app.add_route("/v1/async/submit-batch", SubmitBatch(api))
+    app.add_route("/v1/async/status/{task_id}", Status(api))
+    app.add_route("/v1/async/result/{task_id}", Result(api))
+    app.add_route("/v1/async/cancel/{task_id}", Cancel(api))
+    app.add_route("/v1/async/stream/{task_id}", Stream(api))
+    app.add_route("/v1/async/stats", Stats(api))
+    app.add_route("/v1/async/health", Health(api))

@@ -1,0 +1,87 @@
+"""What every resource shares: body reading, broker calls, refusal -> HTTP mapping."""
+from __future__ import annotations
+
+import re
+
+import falcon
+import msgspec
+
+from .. import protocol as P
+from ..config import Settings
+from .broker_client import BrokerUnavailable, get_client
+from .errors import ApiError, from_validation_error, invalid_field
+
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# broker refusal code -> (HTTP status, extra headers)
+_REFUSAL_STATUS = {
+    "not_found": 404,
+    "already_final": 409,
+    "invalid_field": 422,
+    "batch_too_large": 422,
+    "queue_full": 429,
+    "storage_unavailable": 503,
+}
+
+
+class Api:
+    """Shared plumbing of the resources: body reading, broker calls, error mapping."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+
+    def broker(self):
+        return get_client(self.s.broker_front, self.s.broker_timeout_s, self.s.broker_events)
+
+    def call(self, make_msg):
+        try:
+            reply = self.broker().call(make_msg)
+        except BrokerUnavailable as exc:
+            raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "1"}) from None
+        if isinstance(reply, P.Refused):
+            status = _REFUSAL_STATUS.get(reply.code, 400)
+            headers = {"Retry-After": "1"} if status in (429, 503) else None
+            raise ApiError(status, reply.code, reply.message, headers=headers)
+        return reply
+
+    def read_json(self, req: falcon.Request, type_):
+        length = req.content_length
+        limit = self.s.max_body_bytes
+        if length is not None and length > limit:
+            raise ApiError(413, "body_too_large", f"body is {length} bytes; the limit is {limit}",
+                           {"limit": limit})
+        body = req.bounded_stream.read(limit + 1)
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes", {"limit": limit})
+        if not body:
+            raise ApiError(400, "malformed_json", "request body is empty; expected a JSON object")
+        try:
+            return msgspec.json.decode(body, type=type_)
+        except msgspec.ValidationError as exc:
+            raise from_validation_error(exc) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+
+    def check_spec(self, spec: P.TaskSpec, prefix: str = "") -> None:
+        problem = spec.check(self.s.task_timeout_max_s)
+        if problem is not None:
+            raise invalid_field(prefix + problem[0], problem[1])
+
+    @staticmethod
+    def idempotency_key(req: falcon.Request) -> str | None:
+        key = req.get_header("Idempotency-Key")
+        if key is not None and not 1 <= len(key) <= 200:
+            raise invalid_field("Idempotency-Key", "1 to 200 characters")
+        return key
+
+    @staticmethod
+    def task_id(raw: str) -> str:
+        if not _TASK_ID.match(raw):  # cannot exist: same answer as an unknown id
+            raise ApiError(404, "not_found", "no such task")
+        return raw
+
+
+def json_response(resp: falcon.Response, obj, status: str = falcon.HTTP_200) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = msgspec.json.encode(obj)

@@ -1,0 +1,296 @@
+"""OpenAI-compatible endpoints, so that existing clients work unchanged.
+
+Every call becomes a task in the same broker queue as the async API (no side door
+to llama.cpp): priority comes from the `X-Priority` header (default normal). The API
+proposes the task id, subscribes to its events, submits, and answers when the task
+ends — or streams OpenAI chunks as SSE, ending with `data: [DONE]`.
+
+Unknown request fields are ignored, as OpenAI clients send many (top_p, user, ...);
+fields we cannot honour (n > 1, tools) are refused with 422, never silently dropped.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import falcon
+from msgspec import Meta, Struct
+
+from .. import protocol as P
+from .base import Api, json_response
+from .errors import ApiError, invalid_field
+from .follow import follow
+from .sse import KEEPALIVE, sse_event, sse_response
+
+MODELS_CACHE_S = 1.0
+
+
+class ContentPart(Struct):
+    type: str
+    text: str | None = None
+
+
+class OAMessage(Struct):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+
+
+class ChatRequest(Struct):
+    model: str
+    messages: Annotated[list[OAMessage], Meta(min_length=1, max_length=1000)]
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=32768)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+
+class CompletionRequest(Struct):
+    model: str
+    prompt: Annotated[str, Meta(max_length=1_000_000)]
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 16
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(Struct):
+    model: str
+    input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
+    encoding_format: Literal["float"] = "float"
+
+
+def _text_of(m: OAMessage, i: int) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise invalid_field(f"messages[{i}].content[{j}].type", "only text parts are supported")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+# Failed tasks in a synchronous call: error code -> HTTP status
+_FAILURE_STATUS = {"timeout": 504, "deadline": 503, "cancelled": 409}
+
+
+class OpenAI:
+    """Shared by the endpoints: model check, priority, running a task to its end."""
+
+    def __init__(self, api: Api):
+        self.api = api
+        self._models: tuple[float, list[str]] = (0.0, [])
+        self._lock = threading.Lock()
+
+    def models(self) -> list[str]:
+        with self._lock:
+            at, models = self._models
+        if time.monotonic() - at > MODELS_CACHE_S:
+            models = self.api.call(lambda r: P.Ping(r)).models
+            with self._lock:
+                self._models = (time.monotonic(), models)
+        return models
+
+    def check_model(self, model: str) -> None:
+        models = self.models()
+        if model not in models:
+            raise ApiError(404, "model_not_found", f"no model {model!r} is served here",
+                           {"available": models})
+
+    @staticmethod
+    def priority(req: falcon.Request) -> str:
+        value = (req.get_header("X-Priority") or "normal").strip().lower()
+        if value not in P.LEVEL:
+            raise invalid_field("X-Priority", f"one of {', '.join(P.PRIORITIES)}")
+        return value
+
+    def start(self, spec: P.TaskSpec):
+        """Submit with an id of our own, already watched: no event can be missed."""
+        self.api.check_spec(spec)
+        task_id = uuid.uuid4().hex
+        watch = self.api.broker().watch(task_id)
+        try:
+            self.api.call(lambda r: P.Submit(r, spec, task_id=task_id))
+        except BaseException:
+            watch.close()
+            raise
+        return task_id, watch
+
+    def deadline(self, spec: P.TaskSpec) -> float:
+        return time.time() + spec.timeout_s + 5
+
+    def wait(self, spec: P.TaskSpec) -> P.TaskRecord:
+        task_id, watch = self.start(spec)
+        for kind, value in follow(self.api, task_id, self.deadline(spec), watch):
+            if kind == "final":
+                return self.check_final(value)
+            if kind == "timeout":
+                self.api.call(lambda r: P.Cancel(r, task_id))
+                raise ApiError(504, "timeout", "the task did not finish in time")
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def check_final(rec: P.TaskRecord) -> P.TaskRecord:
+        if rec.state == "completed":
+            return rec
+        err = rec.error or P.TaskError(rec.state, rec.state)
+        raise ApiError(_FAILURE_STATUS.get(err.code, 502), err.code if err.code in _FAILURE_STATUS else "model_error",
+                       err.message, {"task_id": rec.task_id, "state": rec.state, "reason": err.code})
+
+    def stream(self, spec: P.TaskSpec, make_chunk, include_usage: bool):
+        """SSE body: OpenAI chunks from `make_chunk(text=..., finish=...)`, then [DONE]."""
+        task_id, watch = self.start(spec)
+
+        def events():
+            for kind, value in follow(self.api, task_id, self.deadline(spec), watch):
+                if kind == "text":
+                    yield sse_event(make_chunk(task_id, text=value))
+                elif kind == "idle":
+                    yield KEEPALIVE
+                elif kind == "final":
+                    try:
+                        rec = self.check_final(value)
+                    except ApiError as exc:
+                        yield sse_event({"error": {"code": exc.code, "message": exc.message, "type": "task_failed"}})
+                        break
+                    res = rec.result
+                    yield sse_event(make_chunk(task_id, finish=res.finish_reason or "stop"))
+                    if include_usage:
+                        yield sse_event(make_chunk(task_id, usage=_usage(res)))
+                else:
+                    self.api.call(lambda r: P.Cancel(r, task_id))
+                    yield sse_event({"error": {"code": "timeout", "message": "the task did not finish in time",
+                                               "type": "task_failed"}})
+            yield b"data: [DONE]\n\n"
+        return events()
+
+
+def _usage(res: P.TaskResult) -> dict:
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+
+class ChatCompletions:
+    def __init__(self, oa: OpenAI):
+        self.oa = oa
+
+    def on_post(self, req, resp):
+        body = self.oa.api.read_json(req, ChatRequest)
+        if body.tools:
+            raise invalid_field("tools", "tool calling is not supported")
+        self.oa.check_model(body.model)
+        messages = [P.ChatMessage(m.role, _text_of(m, i)) for i, m in enumerate(body.messages)]
+        spec = P.TaskSpec(type="chat", messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens
+                          or 128, temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
+        rf = body.response_format
+        if rf is not None and rf.get("type") != "text":
+            schema = (rf.get("json_schema") or {}).get("schema") if rf.get("type") == "json_schema" else None
+            if not isinstance(schema, dict):
+                raise invalid_field("response_format", "only {type: json_schema, json_schema: {schema: …}} "
+                                    "or {type: text} are supported")
+            spec.type, spec.json_schema = "extract", schema
+        model = body.model
+        if body.stream:
+            def chunk(task_id, text=None, finish=None, usage=None):
+                c = {"id": f"chatcmpl-{task_id}", "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model, "choices": []}
+                if usage is not None:
+                    c["usage"] = usage
+                else:
+                    delta = {"role": "assistant", "content": text} if text is not None else {}
+                    c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                return c
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            sse_response(resp, self.oa.stream(spec, chunk, include))
+            return
+        rec = self.oa.wait(spec)
+        res = rec.result
+        json_response(resp, {
+            "id": f"chatcmpl-{rec.task_id}", "object": "chat.completion", "created": int(rec.created_at),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                         "finish_reason": res.finish_reason or "stop", "logprobs": None}],
+            "usage": _usage(res),
+        })
+
+
+class Completions:
+    def __init__(self, oa: OpenAI):
+        self.oa = oa
+
+    def on_post(self, req, resp):
+        body = self.oa.api.read_json(req, CompletionRequest)
+        self.oa.check_model(body.model)
+        spec = P.TaskSpec(type="complete", prompt=body.prompt, max_tokens=body.max_tokens,
+                          temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
+        model = body.model
+        if body.stream:
+            def chunk(task_id, text=None, finish=None, usage=None):
+                c = {"id": f"cmpl-{task_id}", "object": "text_completion", "created": int(time.time()),
+                     "model": model, "choices": []}
+                if usage is not None:
+                    c["usage"] = usage
+                else:
+                    c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
+                return c
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            sse_response(resp, self.oa.stream(spec, chunk, include))
+            return
+        rec = self.oa.wait(spec)
+        res = rec.result
+        json_response(resp, {
+            "id": f"cmpl-{rec.task_id}", "object": "text_completion", "created": int(rec.created_at), "model": model,
+            "choices": [{"index": 0, "text": res.text, "finish_reason": res.finish_reason or "stop",
+                         "logprobs": None}],
+            "usage": _usage(res),
+        })
+
+
+class Embeddings:
+    def __init__(self, oa: OpenAI):
+        self.oa = oa
+
+    def on_post(self, req, resp):
+        body = self.oa.api.read_json(req, EmbeddingRequest)
+        self.oa.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        spec = P.TaskSpec(type="embed", texts=texts, priority=self.oa.priority(req))
+        rec = self.oa.wait(spec)
+        res = rec.result
+        json_response(resp, {
+            "object": "list", "model": body.model,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(res.embeddings or [])],
+            "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens},
+        })
+
+
+class Models:
+    def __init__(self, oa: OpenAI):
+        self.oa = oa
+
+    def on_get(self, req, resp):
+        json_response(resp, {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "appliance"} for m in self.oa.models()]})
+
+
+def add_routes(app: falcon.App, api: Api) -> None:
+    oa = OpenAI(api)
+    app.add_route("/v1/chat/completions", ChatCompletions(oa))
+    app.add_route("/v1/completions", Completions(oa))
+    app.add_route("/v1/embeddings", Embeddings(oa))
+    app.add_route("/v1/models", Models(oa))
