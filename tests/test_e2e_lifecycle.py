@@ -65,6 +65,17 @@ def test_cancel_running_task_frees_the_llama_slot(slow):
     assert result["state"] == "cancelled" and result["error"]["code"] == "cancelled"
 
 
+def test_status_shows_the_text_so_far_while_running(slow):
+    task_id = slow.post("/v1/async/submit", json=LONG).json()["task_id"]
+    wait_until(lambda: len(slow.get(f"/v1/async/status/{task_id}").json().get("text_so_far", "")) > 20, 10,
+               what="text so far")
+    first = slow.get(f"/v1/async/status/{task_id}").json()["text_so_far"]
+    time.sleep(0.3)
+    later = slow.get(f"/v1/async/status/{task_id}").json()["text_so_far"]
+    assert later.startswith(first) and len(later) > len(first)  # it grows as llama.cpp generates
+    slow.post(f"/v1/async/cancel/{task_id}")
+
+
 def test_timeout_fails_the_task_and_frees_the_slot(slow):
     task_id = slow.post("/v1/async/submit", json={**LONG, "timeout_s": 1.0}).json()["task_id"]
     wait_until(lambda: state(slow, task_id) == "failed", 5, what="timeout")

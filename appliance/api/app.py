@@ -10,7 +10,7 @@ import falcon
 
 from .. import protocol as P
 from ..config import Settings
-from . import async_api, openai_api
+from . import async_api, openai_api, openapi
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
 
@@ -44,4 +44,5 @@ def create_app(settings: Settings) -> falcon.App:
     app.add_route("/readyz", Readyz(api))
     async_api.add_routes(app, api)
     openai_api.add_routes(app, api)
+    app.add_route("/openapi.json", openapi.OpenApi())
     return app

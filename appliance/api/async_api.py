@@ -26,8 +26,10 @@ class Submit:
     def on_post(self, req, resp):
         spec = self.api.read_json(req, P.TaskSpec)
         self.api.check_spec(spec)
-        accepted = self.api.call(lambda r: P.Submit(r, spec))
-        json_response(resp, {**_links(accepted.task_id), "state": accepted.state}, falcon.HTTP_202)
+        key = self.api.idempotency_key(req)
+        accepted = self.api.call(lambda r: P.Submit(r, spec, idempotency_key=key))
+        json_response(resp, {**_links(accepted.task_id), "state": accepted.state,
+                             "stream_url": f"/v1/async/stream/{accepted.task_id}"}, falcon.HTTP_202)
 
 
 class SubmitBatch:

@@ -10,6 +10,8 @@ fields we cannot honour (n > 1, tools) are refused with 422, never silently drop
 """
 from __future__ import annotations
 
+import base64
+import struct
 import threading
 import time
 import uuid
@@ -69,7 +71,7 @@ class CompletionRequest(Struct):
 class EmbeddingRequest(Struct):
     model: str
     input: str | Annotated[list[str], Meta(min_length=1, max_length=256)]
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 def _text_of(m: OAMessage, i: int) -> str:
@@ -274,9 +276,17 @@ class Embeddings:
         res = rec.result
         json_response(resp, {
             "object": "list", "model": body.model,
-            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(res.embeddings or [])],
+            "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                     for i, v in enumerate(res.embeddings or [])],
             "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens},
         })
+
+
+def _encode(vector: list[float], fmt: str):
+    """`base64` is what the openai client asks for by default: little-endian float32."""
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
 
 
 class Models:
