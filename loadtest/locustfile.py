@@ -1,19 +1,23 @@
-"""Submit-and-poll load on the async API (install with `pip install -e '.[load]'`).
+"""Locust users for the API benchmarks (`loadtest/bench_api.py` runs them headless).
 
-    .venv/bin/locust -f loadtest/locustfile.py --headless -u 50 -r 10 -t 60s \
-        --host http://127.0.0.1:8000
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 50 -r 50 -t 30s \
+        --host http://127.0.0.1:8000 SubmitAndPoll
 
-Each user submits a small chat task, then polls its result until it is final.
+- SubmitAndPoll: what the system description measured: submit a small chat task,
+  poll its status until it is final, fetch the result.
+- SubmitOnly: the submit path alone (its throughput against the ceiling).
+- Healthz: the ceiling: the same gunicorn answering /healthz.
 """
 import time
 
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, constant, task
 
-CHAT = {"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}], "max_tokens": 16}
+CHAT = {"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}], "max_tokens": 1}
+FINAL = {"completed", "failed", "cancelled", "expired"}
 
 
 class SubmitAndPoll(FastHttpUser):
-    wait_time = between(0.0, 0.1)
+    wait_time = constant(0)
 
     @task
     def submit_and_poll(self):
@@ -24,12 +28,32 @@ class SubmitAndPoll(FastHttpUser):
             task_id = r.json()["task_id"]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with self.client.get(f"/v1/async/result/{task_id}", name="result", catch_response=True) as r:
-                if r.status_code == 200:
-                    if r.json()["state"] != "completed":
-                        r.failure(f"task ended {r.json()['state']}")
+            with self.client.get(f"/v1/async/status/{task_id}", name="status", catch_response=True) as r:
+                if r.status_code != 200:
+                    r.failure(f"status answered {r.status_code}")
                     return
-                if r.status_code != 202:
-                    r.failure(f"result answered {r.status_code}")
-                    return
+                state = r.json()["state"]
+            if state in FINAL:
+                with self.client.get(f"/v1/async/result/{task_id}", name="result", catch_response=True) as r:
+                    if r.status_code != 200 or r.json()["state"] != "completed":
+                        r.failure(f"task ended {state}")
+                return
             time.sleep(0.05)
+
+
+class SubmitOnly(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def submit(self):
+        with self.client.post("/v1/async/submit", json=CHAT, name="submit", catch_response=True) as r:
+            if r.status_code != 202:
+                r.failure(f"submit answered {r.status_code}")
+
+
+class Healthz(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def healthz(self):
+        self.client.get("/healthz", name="healthz")

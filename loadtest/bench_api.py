@@ -1,0 +1,174 @@
+"""API benchmarks against a real appliance it starts itself (tiny model, temp home).
+
+    .venv/bin/python loadtest/bench_api.py [--users 50 --seconds 30]
+
+1. locust, headless, FastHttpUser: the ceiling (/healthz on the same gunicorn), the
+   submit path alone, and submit + poll status + result — printed as the system
+   description's table (duration, tasks, success, throughput, latencies, queue depth).
+2. Added latency: the same small chat request sequentially through
+   /v1/chat/completions and straight to the llama.cpp server, p50/p99 of each and
+   of the difference.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Appliance:
+    def __init__(self, **env):
+        self.home = Path(tempfile.mkdtemp(prefix="bench-api-"))
+        shutil.copy(ROOT / "supervisord.conf", self.home)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_"))}
+        e.update({"APPLIANCE_HOME": str(self.home), "API_PORT": str(self.port), "LOG_LEVEL": "WARNING"})
+        e.update({k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen([str(BIN / "appliance"), "up"], cwd=self.home, env=e,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("appliance did not become ready")
+
+    def stop(self):
+        subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.home / "supervisord.conf"), "shutdown"],
+                       capture_output=True, timeout=60)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def locust(url: str, user: str, users: int, seconds: int, out: Path) -> dict[str, dict]:
+    prefix = out / user
+    subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+                    "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix),
+                    "--only-summary", "--loglevel", "ERROR", user],
+                   check=False, capture_output=True, timeout=seconds + 120)
+    with open(f"{prefix}_stats.csv") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def watch_depth(url: str, stop: threading.Event, samples: list[int]) -> None:
+    s = requests.Session()
+    while not stop.is_set():
+        try:
+            samples.append(s.get(url + "/v1/async/stats", timeout=2).json()["queued"])
+        except requests.RequestException:
+            pass
+        stop.wait(0.5)
+
+
+def bench_locust(app: Appliance, users: int, seconds: int) -> None:
+    out = Path(tempfile.mkdtemp(prefix="locust-"))
+    ceiling = locust(app.url, "Healthz", users, seconds, out)["healthz"]
+    depth: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=watch_depth, args=(app.url, stop, depth))
+    t.start()
+    full = locust(app.url, "SubmitAndPoll", users, seconds, out)
+    stop.set()
+    t.join()
+    # last: it leaves a backlog that the model drains long after the phase ends
+    submit_only = locust(app.url, "SubmitOnly", users, seconds, out)["submit"]
+    sub, st, res = full["submit"], full["status"], full["result"]
+    n_sub = int(sub["Request Count"])
+    ok = int(res["Request Count"]) - int(res["Failure Count"])
+    f = float
+    print(f"\n1. locust, {users} users, {seconds} s per phase, load generator on the same machine")
+    print(f"{'':34}{'requests/s':>12}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'failures':>10}")
+    for name, row in (("ceiling: GET /healthz", ceiling), ("POST submit alone", submit_only)):
+        print(f"{name:34}{f(row['Requests/s']):>12,.0f}{row['50%']:>8}{row['95%']:>8}{row['99%']:>8}"
+              f"{row['Failure Count']:>10}")
+    print(f"submit throughput / ceiling: {f(submit_only['Requests/s']) / f(ceiling['Requests/s']):.0%}")
+    print(f"\nsubmit + poll status + result (the system description's test), {users} users:")
+    print(f"  Duration:          {seconds} s")
+    print(f"  Tasks submitted:   {n_sub}")
+    print(f"  Tasks completed:   {ok}  (success rate {100 * ok / max(1, int(res['Request Count'])):.1f} %)")
+    print(f"  Throughput:        {ok / seconds:,.1f} tasks/s ({60 * ok / seconds:,.0f} tasks/min)")
+    print(f"  Submission latency avg {f(sub['Average Response Time']):.1f} ms, p50 {sub['50%']} ms, "
+          f"p95 {sub['95%']} ms, p99 {sub['99%']} ms")
+    print(f"  Status latency     avg {f(st['Average Response Time']):.1f} ms, p50 {st['50%']} ms, "
+          f"p95 {st['95%']} ms, p99 {st['99%']} ms")
+    if depth:
+        print(f"  Queue depth        peak {max(depth)}, average {statistics.mean(depth):.1f}, min {min(depth)}")
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def bench_added_latency(app: Appliance, n: int) -> None:
+    endpoint = requests.get(app.url + "/v1/async/stats").json()["workers"][0]["endpoint"]
+    s = requests.Session()
+    body = {"model": "appliance-tiny", "messages": [{"role": "user", "content": "Vitals stable?"}],
+            "max_tokens": 8, "temperature": 0}
+
+    def timed(url):
+        t0 = time.perf_counter()
+        r = s.post(url, json=body)
+        r.raise_for_status()
+        return (time.perf_counter() - t0) * 1000
+
+    for _ in range(20):  # warm both paths
+        timed(endpoint + "/v1/chat/completions")
+        timed(app.url + "/v1/chat/completions")
+    direct, via = [], []
+    for _ in range(n):  # interleaved, so drift hits both alike
+        direct.append(timed(endpoint + "/v1/chat/completions"))
+        via.append(timed(app.url + "/v1/chat/completions"))
+
+    def pct(v, p):
+        v = sorted(v)
+        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+    print(f"\n2. added latency, {n} sequential chat requests (8 tokens) each way")
+    print(f"{'ms':30}{'p50':>8}{'p99':>8}")
+    print(f"{'llama.cpp directly':30}{pct(direct, 50):>8.2f}{pct(direct, 99):>8.2f}")
+    print(f"{'through the appliance':30}{pct(via, 50):>8.2f}{pct(via, 99):>8.2f}")
+    print(f"{'added (difference)':30}{pct(via, 50) - pct(direct, 50):>8.2f}{pct(via, 99) - pct(direct, 99):>8.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--latency-n", type=int, default=500)
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    app = Appliance(QUEUE_MAX_SIZE=200_000)
+    try:
+        bench_locust(app, args.users, args.seconds)
+        bench_added_latency(app, args.latency_n)
+    finally:
+        app.stop()
+
+
+if __name__ == "__main__":
+    main()
