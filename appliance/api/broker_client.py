@@ -1,15 +1,17 @@
-"""The API worker's line to the broker: one I/O thread owns the DEALER socket.
+"""The API worker's line to the broker.
 
-Why an I/O thread: ZeroMQ sockets are not thread-safe, and gunicorn's gthread worker
-serves requests on several threads. Request threads hand an encoded message to the
-I/O thread over inproc PUSH (one per thread) and wait on an Event for the reply,
-matched by request number.
+Calls: each request thread owns a DEALER socket of its own (ZeroMQ sockets are not
+thread-safe, but one per thread is fine), sends, and polls that socket for the
+reply. No hand-off to another thread on the hot path: that was two context switches
+and GIL hand-overs per call. A reply is matched by request number; a late reply to
+a call that already gave up is dropped by the thread's next call.
 
 The DEALER has ZMQ_IMMEDIATE set: with no broker connected a send fails instead of
-queueing inside ZeroMQ. The I/O thread keeps such a message and retries it every
-20 ms while its caller still waits (the broker may be just reconnecting); once the
-caller gives up (BROKER_TIMEOUT_S, 503) the message is dropped, so a request the
-client saw fail is never delivered late.
+queueing inside ZeroMQ; the caller retries every 20 ms until BROKER_TIMEOUT_S, then
+answers 503, so a request the client saw fail is never delivered late.
+
+Events: one I/O thread per process owns the SUB socket of the broker's events and
+hands each task's events to its Watches; request threads (un)subscribe through it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import logging
 import os
 import queue
 import threading
-from collections import deque
+import time
 
 import zmq
 
@@ -26,17 +28,8 @@ from .. import protocol as P
 
 log = logging.getLogger("appliance.api")
 
-
 class BrokerUnavailable(Exception):
     pass
-
-
-class _Waiter:
-    __slots__ = ("event", "reply")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply = None
 
 
 class Watch:
@@ -69,28 +62,62 @@ class BrokerClient:
         self.endpoint = endpoint
         self.events_endpoint = events_endpoint
         self.timeout_s = timeout_s
-        self._watches: dict[bytes, list[Watch]] = {}
         self.pid = os.getpid()
         self._ctx = zmq.Context()
-        self._inbox_addr = f"inproc://broker-client-{id(self)}"
-        self._pending: dict[int, _Waiter] = {}
-        self._lock = threading.Lock()
-        self._reqs = itertools.count(1)
         self._local = threading.local()
+        self._reqs = itertools.count(1)
+        self._lock = threading.Lock()
+        self._watches: dict[bytes, list[Watch]] = {}
+        self._control_addr = f"inproc://broker-events-{id(self)}"
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._io, name="broker-io", daemon=True)
+        self._thread = threading.Thread(target=self._events_io, name="broker-events", daemon=True)
         self._thread.start()
         self._started.wait()
 
-    def _io(self) -> None:
-        inbox = self._ctx.socket(zmq.PULL)
-        inbox.bind(self._inbox_addr)
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.connect(self.endpoint)
+    # ------------------------------------------------------------------ calls
+    def _dealer(self) -> zmq.Socket:
+        sock = getattr(self._local, "dealer", None)
+        if sock is None:
+            sock = self._local.dealer = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.connect(self.endpoint)
+        return sock
+
+    def call(self, make_msg, timeout_s: float | None = None):
+        """Send `make_msg(req)` and wait for the broker's reply to it."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        sock = self._dealer()
+        req = next(self._reqs)
+        payload = P.encode(make_msg(req))
+        while True:
+            try:
+                sock.send(payload, zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no broker connected (it may be restarting)
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(f"the broker is not reachable (waited {limit:g}s)") from None
+                time.sleep(0.02)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                raise BrokerUnavailable(f"the broker did not answer within {limit:g}s")
+            try:
+                reply = P.front_reply.decode(sock.recv())
+            except Exception:
+                log.warning("undecodable broker reply dropped")
+                continue
+            if reply.req == req:
+                return reply
+            # a late reply to an earlier call of this thread that gave up: drop it
+
+    # ------------------------------------------------------------------ events
+    def _events_io(self) -> None:
+        control = self._ctx.socket(zmq.PULL)
+        control.bind(self._control_addr)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 0)  # never drop a Final because a stream was slow
@@ -98,29 +125,17 @@ class BrokerClient:
             sub.connect(self.events_endpoint)
         self._started.set()
         poller = zmq.Poller()
-        poller.register(inbox, zmq.POLLIN)
-        poller.register(dealer, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
-        unsent: deque[tuple[int, bytes]] = deque()
         while True:
-            ready = dict(poller.poll(20 if unsent else None))
-            if unsent:
-                for _ in range(len(unsent)):
-                    req, payload = unsent.popleft()
-                    if req in self._pending:  # its caller still waits
-                        self._send(dealer, req, payload, unsent)
-            if inbox in ready:
+            ready = dict(poller.poll())
+            if control in ready:
                 while True:
                     try:
-                        req_b, payload = inbox.recv_multipart(zmq.NOBLOCK)
+                        op, topic = control.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if req_b == b"S":    # subscribe to a task's events
-                        sub.setsockopt(zmq.SUBSCRIBE, payload)
-                    elif req_b == b"U":
-                        sub.setsockopt(zmq.UNSUBSCRIBE, payload)
-                    else:
-                        self._send(dealer, int.from_bytes(req_b, "little"), payload, unsent)
+                    sub.setsockopt(zmq.SUBSCRIBE if op == b"S" else zmq.UNSUBSCRIBE, topic)
             if sub in ready:
                 while True:
                     try:
@@ -131,47 +146,22 @@ class BrokerClient:
                         continue
                     with self._lock:
                         watches = list(self._watches.get(topic, ()))
-                    if watches:
-                        try:
-                            event = P.task_event.decode(payload)
-                        except Exception:
-                            continue
-                        for w in watches:
-                            w.events.put(event)
-            if dealer in ready:
-                while True:
-                    try:
-                        payload = dealer.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        reply = P.front_reply.decode(payload)
-                    except Exception:
-                        log.warning("undecodable broker reply dropped")
+                    if not watches:
                         continue
-                    self._resolve(reply.req, reply)
+                    try:
+                        event = P.task_event.decode(payload)
+                    except Exception:
+                        continue
+                    for w in watches:
+                        w.events.put(event)
 
-    @staticmethod
-    def _send(dealer: zmq.Socket, req: int, payload: bytes, unsent: deque) -> None:
-        try:
-            dealer.send(payload, zmq.NOBLOCK)
-        except zmq.Again:  # no broker connected (IMMEDIATE) or high-water mark
-            unsent.append((req, payload))
-
-    def _resolve(self, req: int, reply) -> None:
-        with self._lock:
-            waiter = self._pending.pop(req, None)
-        if waiter is not None:
-            waiter.reply = reply
-            waiter.event.set()
-
-    def _push_sock(self) -> zmq.Socket:
-        push = getattr(self._local, "push", None)
+    def _control(self, op: bytes, topic: bytes) -> None:
+        push = getattr(self._local, "control", None)
         if push is None:
-            push = self._local.push = self._ctx.socket(zmq.PUSH)
+            push = self._local.control = self._ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
-            push.connect(self._inbox_addr)
-        return push
+            push.connect(self._control_addr)
+        push.send_multipart([op, topic])
 
     def watch(self, task_id: str) -> Watch:
         """Start receiving a task's events; subscribe before asking, so none is missed
@@ -182,7 +172,7 @@ class BrokerClient:
             first = topic not in self._watches
             self._watches.setdefault(topic, []).append(w)
         if first:
-            self._push_sock().send_multipart([b"S", topic])
+            self._control(b"S", topic)
         return w
 
     def _unwatch(self, w: Watch) -> None:
@@ -195,21 +185,7 @@ class BrokerClient:
             if last:
                 del self._watches[topic]
         if last:
-            self._push_sock().send_multipart([b"U", topic])
-
-    def call(self, make_msg, timeout_s: float | None = None):
-        """Send `make_msg(req)` and wait for the broker's reply to it."""
-        req = next(self._reqs)
-        waiter = _Waiter()
-        with self._lock:
-            self._pending[req] = waiter
-        self._push_sock().send_multipart([req.to_bytes(8, "little"), P.encode(make_msg(req))])
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        if not waiter.event.wait(limit):
-            with self._lock:
-                self._pending.pop(req, None)
-            raise BrokerUnavailable(f"the broker did not answer within {limit:g}s")
-        return waiter.reply
+            self._control(b"U", topic)
 
 
 _client: BrokerClient | None = None
