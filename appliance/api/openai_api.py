@@ -187,6 +187,35 @@ def _usage(res: P.TaskResult) -> dict:
             "total_tokens": res.prompt_tokens + res.completion_tokens}
 
 
+def _answer(oa: OpenAI, resp, spec: P.TaskSpec, model: str, stream: bool, include_usage: bool, chat: bool):
+    """Run the task and answer as OpenAI does: a whole object, or SSE chunks.
+
+    Chat and text completions differ only in names and in the shape of a choice.
+    """
+    prefix, obj = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+    if stream:
+        def chunk(task_id, text=None, finish=None, usage=None):
+            c = {"id": f"{prefix}-{task_id}", "object": f"{obj}.chunk" if chat else obj,
+                 "created": int(time.time()), "model": model, "choices": []}
+            if usage is not None:
+                c["usage"] = usage
+            elif chat:
+                delta = {"role": "assistant", "content": text} if text is not None else {}
+                c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            else:
+                c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
+            return c
+        sse_response(resp, oa.stream(spec, chunk, include_usage))
+        return
+    rec = oa.wait(spec)
+    res = rec.result
+    choice = {"index": 0, "message": {"role": "assistant", "content": res.text}} if chat else {
+        "index": 0, "text": res.text}
+    choice.update(finish_reason=res.finish_reason or "stop", logprobs=None)
+    json_response(resp, {"id": f"{prefix}-{rec.task_id}", "object": obj, "created": int(rec.created_at),
+                         "model": model, "choices": [choice], "usage": _usage(res)})
+
+
 class ChatCompletions:
     def __init__(self, oa: OpenAI):
         self.oa = oa
@@ -206,29 +235,8 @@ class ChatCompletions:
                 raise invalid_field("response_format", "only {type: json_schema, json_schema: {schema: …}} "
                                     "or {type: text} are supported")
             spec.type, spec.json_schema = "extract", schema
-        model = body.model
-        if body.stream:
-            def chunk(task_id, text=None, finish=None, usage=None):
-                c = {"id": f"chatcmpl-{task_id}", "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": model, "choices": []}
-                if usage is not None:
-                    c["usage"] = usage
-                else:
-                    delta = {"role": "assistant", "content": text} if text is not None else {}
-                    c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
-                return c
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            sse_response(resp, self.oa.stream(spec, chunk, include))
-            return
-        rec = self.oa.wait(spec)
-        res = rec.result
-        json_response(resp, {
-            "id": f"chatcmpl-{rec.task_id}", "object": "chat.completion", "created": int(rec.created_at),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                         "finish_reason": res.finish_reason or "stop", "logprobs": None}],
-            "usage": _usage(res),
-        })
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        _answer(self.oa, resp, spec, body.model, body.stream, include, chat=True)
 
 
 class Completions:
@@ -240,27 +248,8 @@ class Completions:
         self.oa.check_model(body.model)
         spec = P.TaskSpec(type="complete", prompt=body.prompt, max_tokens=body.max_tokens,
                           temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
-        model = body.model
-        if body.stream:
-            def chunk(task_id, text=None, finish=None, usage=None):
-                c = {"id": f"cmpl-{task_id}", "object": "text_completion", "created": int(time.time()),
-                     "model": model, "choices": []}
-                if usage is not None:
-                    c["usage"] = usage
-                else:
-                    c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
-                return c
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            sse_response(resp, self.oa.stream(spec, chunk, include))
-            return
-        rec = self.oa.wait(spec)
-        res = rec.result
-        json_response(resp, {
-            "id": f"cmpl-{rec.task_id}", "object": "text_completion", "created": int(rec.created_at), "model": model,
-            "choices": [{"index": 0, "text": res.text, "finish_reason": res.finish_reason or "stop",
-                         "logprobs": None}],
-            "usage": _usage(res),
-        })
+        include = bool(body.stream_options and body.stream_options.include_usage)
+        _answer(self.oa, resp, spec, body.model, body.stream, include, chat=False)
 
 
 class Embeddings:

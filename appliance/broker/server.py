@@ -492,7 +492,6 @@ class Broker:
     def _drop_worker(self, worker: Worker, why: str) -> None:
         self.workers.pop(worker.identity, None)
         log.warning("worker %s dropped (%s); %d running tasks affected", worker.name, why, len(worker.running))
-        now = time.time()
         for task_id in worker.running:
             task = self.tasks.get(task_id)
             if task is None:
