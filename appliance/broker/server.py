@@ -259,17 +259,7 @@ class Broker:
             log.warning("undecodable client message dropped")
             return
         if isinstance(msg, P.Submit):
-            if msg.idempotency_key is not None:
-                idem = f"{msg.tenant}\0{msg.idempotency_key}"
-                earlier = self.idem.get(idem) or self.journal.find_idempotent(idem)
-                if earlier is not None and (rec := self._lookup(earlier)) is not None:
-                    self._reply(identity, P.Accepted(msg.req, earlier, rec.state))
-                    return
-            if msg.task_id is not None and (len(msg.task_id) != 32 or self._lookup(msg.task_id) is not None):
-                self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
-                return
-            self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id,
-                            idem=f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key else None)
+            self._on_single_submit(identity, msg)
         elif isinstance(msg, P.SubmitBatch):
             self._on_submit(identity, msg.req, msg.specs, msg.tenant, batch=True)
         elif isinstance(msg, P.Query):
@@ -293,6 +283,19 @@ class Broker:
             self._reply(identity, P.Pong(msg.req, ready, len(self.queue), running, self.gpu_state, models))
         elif isinstance(msg, P.GetStats):
             self._reply(identity, self._stats(msg.req))
+
+    def _on_single_submit(self, identity: bytes, msg: P.Submit) -> None:
+        idem = f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key is not None else None
+        if idem is not None:
+            earlier = self.idem.get(idem) or self.journal.find_idempotent(idem)
+            if earlier is not None and (rec := self._lookup(earlier)) is not None:
+                # after this loop's commit, like the original's ack: it may be in the same batch
+                self._acks.append((identity, P.encode(P.Accepted(msg.req, earlier, rec.state))))
+                return
+        if msg.task_id is not None and (len(msg.task_id) != 32 or self._lookup(msg.task_id) is not None):
+            self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
+            return
+        self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
 
     def _on_submit(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
                    task_id: str | None = None, idem: str | None = None) -> None:
