@@ -1,6 +1,7 @@
 """Fixtures that start real parts: the tiny GGUF, llama.cpp, the whole appliance."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,11 +129,11 @@ def appliance_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def appliance(tmp_path_factory):
-    """The appliance on its embedded default: no MODEL_PATH, so it makes its tiny model."""
+@contextlib.contextmanager
+def running_appliance(tmp_path_factory, **env: str):
+    """A ready appliance in a fresh home; its logs are printed if the block fails."""
     home = make_home(tmp_path_factory.mktemp("home"))
-    app = Appliance(home, appliance_env(home))
+    app = Appliance(home, appliance_env(home, **env))
     app.start()
     try:
         app.wait_ready()
@@ -142,3 +143,10 @@ def appliance(tmp_path_factory):
         raise
     finally:
         app.stop()
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory):
+    """The appliance on its embedded default: no MODEL_PATH, so it makes its tiny model."""
+    with running_appliance(tmp_path_factory) as app:
+        yield app

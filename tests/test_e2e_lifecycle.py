@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import Appliance, appliance_env, make_home, wait_until
+from conftest import running_appliance, wait_until
 
 LONG = {"type": "complete", "prompt": "the patient", "max_tokens": 4000}
 SHORT = {"type": "complete", "prompt": "x", "max_tokens": 1}
@@ -26,18 +26,9 @@ def slow(tmp_path_factory):
 
     model = write_tiny_model(tmp_path_factory.mktemp("slow") / "slow.gguf",
                              TinySpec(n_embd=256, n_layer=4, n_ff=1024, n_ctx=8192))
-    home = make_home(tmp_path_factory.mktemp("home"))
-    app = Appliance(home, appliance_env(home, MODEL_PATH=str(model), LLAMA_SLOTS="1", LLAMA_CTX="8192",
-                                        QUEUE_MAX_SIZE="300", RESULT_TTL_S="3"))
-    app.start()
-    try:
-        app.wait_ready()
+    with running_appliance(tmp_path_factory, MODEL_PATH=str(model), LLAMA_SLOTS="1", LLAMA_CTX="8192",
+                           QUEUE_MAX_SIZE="300", RESULT_TTL_S="3") as app:
         yield app
-    except BaseException:
-        print(app.logs())
-        raise
-    finally:
-        app.stop()
 
 
 def llama_slots_busy(app) -> list[bool]:

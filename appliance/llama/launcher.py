@@ -90,6 +90,16 @@ class LlamaClient:
             self._active.pop(key, None)
             return self._aborted.get(key)
 
+    def _failed(self, key: str, exc: BaseException) -> BaseException:
+        """A request broke: its connection is unusable, and an abort, if any, explains why."""
+        self._drop_conn()
+        reason = self._aborted_reason(key)
+        if reason is None:
+            return exc
+        aborted = Aborted(reason)
+        aborted.__cause__ = exc
+        return aborted
+
     def _open(self, key: str, path: str, body: dict, deadline: float) -> http.client.HTTPResponse:
         """Send the request on this thread's connection; the response's headers are read."""
         payload = json.dumps(body).encode()
@@ -104,17 +114,12 @@ class LlamaClient:
                 conn.request("POST", path, payload, {"Content-Type": "application/json"})
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                self._drop_conn()
-                if (reason := self._aborted_reason(key)) is not None:
-                    raise Aborted(reason) from exc
-                if attempt:
-                    raise
-                continue
+                failure = self._failed(key, exc)
+                if failure is exc and not attempt:
+                    continue  # a kept-alive connection the server had closed: once more
+                raise failure
             except BaseException as exc:
-                self._drop_conn()
-                if (reason := self._aborted_reason(key)) is not None:
-                    raise Aborted(reason) from exc
-                raise
+                raise self._failed(key, exc)
             if resp.status != 200:
                 data = resp.read()
                 self._aborted_reason(key)
@@ -128,10 +133,7 @@ class LlamaClient:
         try:
             data = resp.read()
         except BaseException as exc:
-            self._drop_conn()
-            if (reason := self._aborted_reason(key)) is not None:
-                raise Aborted(reason) from exc
-            raise
+            raise self._failed(key, exc)
         if (reason := self._aborted_reason(key)) is not None:
             raise Aborted(reason)
         return json.loads(data)
@@ -161,10 +163,7 @@ class LlamaClient:
             self._aborted_reason(key)
             raise
         except BaseException as exc:
-            self._drop_conn()
-            if (reason := self._aborted_reason(key)) is not None:
-                raise Aborted(reason) from exc
-            raise
+            raise self._failed(key, exc)
         if (reason := self._aborted_reason(key)) is not None:
             raise Aborted(reason)
 
