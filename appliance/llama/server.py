@@ -26,7 +26,7 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
