@@ -1,8 +1,10 @@
 """The `appliance` command: what operators type.
 
-`up` runs supervisord in the foreground with every process (Ctrl-C stops all),
-`down` stops it, `status` lists the programs. The home directory (APPLIANCE_HOME,
-default: the current directory) holds supervisord.conf, the optional .env, and var/.
+`init` writes .env with generated secrets, `up` runs supervisord in the foreground
+with every process (Ctrl-C stops all), `down` stops it, `status` lists the programs,
+`token` mints a bearer token, `audit verify` checks the audit chain. The home
+directory (APPLIANCE_HOME, default: the current directory) holds supervisord.conf,
+.env, and var/.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ensure_dirs, load_settings
+from . import security
+from .config import SECRET_KEYS, ConfigError, ensure_dirs, load_settings
 
 
 def _conf(home: Path) -> Path:
@@ -37,6 +40,8 @@ def _tool(name: str) -> str:
 
 def cmd_up(args) -> None:
     s = load_settings()
+    for warning in security.check_startup(s):  # refuse here, before any process starts
+        print(f"appliance: WARNING: {warning}", file=sys.stderr, flush=True)
     ensure_dirs(s)
     conf = _conf(s.home)
     env = _env_with_venv()
@@ -73,7 +78,47 @@ def cmd_config(args) -> None:
 
     s = load_settings()
     for key, value in sorted(msgspec.to_builtins(s).items()):
+        if key in SECRET_KEYS:
+            value = "<set, hidden>" if value else ""
         print(f"{key}={value}")
+
+
+def cmd_init(args) -> None:
+    home = Path(os.environ.get("APPLIANCE_HOME") or os.getcwd()).resolve()
+    path, written = security.init_env(home, rotate=args.rotate)
+    if written:
+        print(f"appliance: wrote {', '.join(written)} to {path} (mode 0600); values are not shown")
+    else:
+        print(f"appliance: {path} already holds its secrets (mode 0600); nothing changed")
+
+
+def cmd_token(args) -> None:
+    s = load_settings()
+    scopes = [x for x in args.scopes.replace(",", " ").split() if x]
+    try:
+        ttl = security.parse_ttl(args.ttl)
+        key = Path(args.key).read_bytes() if args.key else None
+        token = security.mint_token(s, args.sub, scopes, ttl, tenant=args.tenant, private_key=key)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"appliance: {exc}")
+    print(token)
+
+
+def cmd_audit_verify(args) -> None:
+    from .audit import verify
+
+    s = load_settings()
+    path = Path(args.file or s.audit_log)
+    if not s.audit_key:
+        sys.exit("appliance: AUDIT_KEY is not set: the chain cannot be checked without the key it was written with")
+    if not path.exists():
+        sys.exit(f"appliance: no audit log at {path}")
+    n, problems = verify(path, s.audit_key)
+    for p in problems:
+        print(p)
+    if problems:
+        sys.exit(f"appliance: audit log {path}: {len(problems)} problem(s) in {n} lines")
+    print(f"appliance: audit log {path}: {n} records, chain intact")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,11 +129,29 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("down", help="stop a running appliance").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="supervisorctl status of every program").set_defaults(fn=cmd_status)
     sub.add_parser("config", help="print the effective settings").set_defaults(fn=cmd_config)
+    i = sub.add_parser("init", help="write .env with generated secrets (mode 0600); keeps existing good ones")
+    i.add_argument("--rotate", action="store_true", help="replace the secrets (invalidates every issued token)")
+    i.set_defaults(fn=cmd_init)
+    t = sub.add_parser("token", help="mint a bearer token (printed on stdout)")
+    t.add_argument("--sub", required=True, help="subject: the caller's name (a person or a service)")
+    t.add_argument("--scopes", required=True, help=f"comma-separated, from: {', '.join(security.SCOPES)}")
+    t.add_argument("--ttl", default="12h", help="lifetime: seconds, or with a unit s/m/h/d (default 12h)")
+    t.add_argument("--tenant", help="tenant, when TENANT_CLAIM is not `sub` (default: the subject)")
+    t.add_argument("--key", help="PEM private key, for RS256/ES256 (the appliance holds only the public key)")
+    t.set_defaults(fn=cmd_token)
+    a = sub.add_parser("audit", help="audit log tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="check the hash chain; names each changed, removed or reordered line")
+    v.add_argument("--file", help="the log to check (default: AUDIT_LOG)")
+    v.set_defaults(fn=cmd_audit_verify)
     m = sub.add_parser("tiny-model", help="write the built-in random-weight GGUF to PATH")
     m.add_argument("path")
     m.set_defaults(fn=cmd_model)
     args = parser.parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except ConfigError as exc:
+        sys.exit(str(exc.code))
 
 
 if __name__ == "__main__":

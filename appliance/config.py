@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -66,6 +66,24 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     gpumon_interval_s: Annotated[float, Meta(gt=0)] = 2.0
     nvml_samples: str = ""
 
+    # security (README "Security"; checked at start by appliance.security.check_startup)
+    allow_insecure_dev: bool = False
+    jwt_algorithm: Literal["HS256", "RS256", "ES256"] = "HS256"
+    jwt_secret_key: str = ""
+    jwt_public_key_file: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway_s: Annotated[float, Meta(ge=0, le=300)] = 30.0
+    tenant_claim: Annotated[str, Meta(min_length=1)] = "sub"
+    cors_origins: str = ""
+    rate_limits: str = ("tasks:write=100/s:200,tasks:read=500/s:1000,rag:write=20/s:50,rag:read=100/s:200,"
+                        "gpu:read=50/s:100,admin=10/s:20")
+    ops_endpoints: Literal["loopback_or_token", "token", "open"] = "loopback_or_token"
+    max_prompt_chars: Annotated[int, Meta(ge=1)] = 200_000
+    audit_log: str = ""
+    audit_key: str = ""
+    log_clinical_text: bool = False
+
     # ------------------------------------------------------------ derived paths
     @property
     def home(self) -> Path:
@@ -85,6 +103,14 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     @property
     def model_name(self) -> str:
         return self.model_alias or self.model_file.stem
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+
+# Settings whose values are secrets: never printed, never logged.
+SECRET_KEYS = frozenset({"JWT_SECRET_KEY", "AUDIT_KEY"})
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
@@ -129,6 +155,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     s.broker_back = s.broker_back or f"ipc://{run}/broker-back.ipc"
     s.broker_events = s.broker_events or f"ipc://{run}/broker-events.ipc"
     s.telemetry_endpoint = s.telemetry_endpoint or f"ipc://{run}/telemetry.ipc"
+    s.audit_log = s.audit_log or str(Path(s.log_dir) / "audit.jsonl")
     for endpoint in (s.broker_front, s.broker_back, s.broker_events, s.telemetry_endpoint):
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")

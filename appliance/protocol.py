@@ -60,7 +60,12 @@ class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
     priority: Priority = "normal"
     timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
 
-    def check(self, timeout_max_s: float | None = None) -> tuple[str, str] | None:
+    def prompt_chars(self) -> int:
+        return (sum(len(m.content) for m in self.messages or ()) + len(self.prompt or "")
+                + sum(len(t) for t in self.texts or ()))
+
+    def check(self, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
+              ) -> tuple[str, str] | None:
         """Rules msgspec cannot express (cross-field, configured bounds): (field, message) or None."""
         if self.type in ("chat", "extract") and not self.messages:
             return "messages", f"a {self.type} task needs `messages`"
@@ -79,6 +84,9 @@ class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
                 return "json_schema", str(exc)
         if timeout_max_s is not None and self.timeout_s > timeout_max_s:
             return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
+        if max_prompt_chars is not None and (n := self.prompt_chars()) > max_prompt_chars:
+            field = {"embed": "texts", "complete": "prompt"}.get(self.type, "messages")
+            return field, f"the input is {n} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
         return None
 
 
@@ -153,15 +161,25 @@ class SubmitBatch(_Msg):
 
 
 class Query(_Msg):
-    """Ask for one task's record (status and result share it)."""
+    """Ask for one task's record (status and result share it).
+
+    A task of another tenant is `not_found`, exactly like an unknown id, unless
+    `all_tenants` (an admin caller): existence must not leak across tenants.
+    """
 
     req: int
     task_id: str
+    tenant: str = ""
+    all_tenants: bool = False
 
 
 class Cancel(_Msg):
+    """Same tenant rule as Query."""
+
     req: int
     task_id: str
+    tenant: str = ""
+    all_tenants: bool = False
 
 
 class Ping(_Msg):

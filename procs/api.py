@@ -1,8 +1,9 @@
 """supervisord program `api`: the Falcon app under gunicorn (gthread workers)."""
 from gunicorn.app.base import BaseApplication
 
-from appliance import logs
-from appliance.api.app import create_app
+from appliance import logs, security
+from appliance.api.app import create_app, rate_limit_file
+from appliance.api.ratelimit import prepare
 from appliance.config import load_settings
 
 
@@ -33,4 +34,7 @@ class ApiServer(BaseApplication):
 
 if __name__ == "__main__":
     logs.setup("api")
-    ApiServer(load_settings()).run()
+    settings = load_settings()
+    security.log_warnings(security.check_startup(settings))  # ConfigError: refuse to serve
+    prepare(rate_limit_file(settings))  # before the workers fork: one table for all of them
+    ApiServer(settings).run()

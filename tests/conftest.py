@@ -37,8 +37,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
 
 
+USER_SCOPES = ("tasks:read", "tasks:write")
+
+
 class Appliance:
-    """The real appliance under the repo's own supervisord.conf, in a temporary home."""
+    """The real appliance under the repo's own supervisord.conf, in a temporary home.
+
+    `get`/`post` send the bearer token of tenant `tester` (tasks:read, tasks:write)
+    unless the caller passes its own Authorization header (None sends none).
+    """
 
     def __init__(self, home: Path, env: dict[str, str]):
         self.home = home
@@ -46,6 +53,24 @@ class Appliance:
         self.port = int(env["API_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.token = self.mint("tester", *USER_SCOPES)
+
+    def settings(self):
+        from appliance.config import load_settings
+
+        return load_settings(self.env)
+
+    def mint(self, sub: str, *scopes: str, ttl_s: int = 3600) -> str:
+        from appliance.security import mint_token
+
+        return mint_token(self.settings(), sub, list(scopes), ttl_s)
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    def _headers(self, kw: dict) -> dict:
+        kw["headers"] = {**self.auth(), **(kw.get("headers") or {})}
+        return kw
 
     def start(self) -> None:
         self.log = open(self.home / "appliance-up.out", "wb")
@@ -61,10 +86,10 @@ class Appliance:
         )
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=10, **kw)
+        return requests.get(self.url + path, timeout=10, **self._headers(kw))
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=10, **kw)
+        return requests.post(self.url + path, timeout=10, **self._headers(kw))
 
     def wait_ready(self, timeout: float = 90) -> None:
         def ready():
@@ -108,12 +133,17 @@ class Appliance:
 
 
 def make_home(tmp: Path) -> Path:
+    """A home as `appliance init` leaves it: supervisord.conf and a .env with fresh secrets."""
+    from appliance.security import init_env
+
     shutil.copy(ROOT / "supervisord.conf", tmp / "supervisord.conf")
+    init_env(tmp)
     return tmp
 
 
 def appliance_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_", "ALLOW_"))}
     env.update({
         "APPLIANCE_HOME": str(home),
         "API_PORT": str(free_port()),

@@ -26,7 +26,7 @@ SCHEMA = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def client(appliance):
-    return openai.OpenAI(base_url=appliance.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=appliance.url + "/v1", api_key=appliance.token, max_retries=0, timeout=30)
 
 
 def final_result(app, task_id):
@@ -148,7 +148,8 @@ def test_embed_task(appliance):
 def test_stream_endpoint_sends_tokens_then_the_result(appliance):
     task_id = appliance.post("/v1/async/submit", json={"type": "complete", "prompt": "x", "max_tokens": 200}
                              ).json()["task_id"]
-    with requests.get(f"{appliance.url}/v1/async/stream/{task_id}", stream=True, timeout=30) as resp:
+    with requests.get(f"{appliance.url}/v1/async/stream/{task_id}", stream=True, timeout=30,
+                      headers=appliance.auth()) as resp:
         assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(resp)
     tokens = "".join(json.loads(d)["text"] for k, d in events if k == "token")
@@ -188,7 +189,7 @@ def test_fuzz_no_5xx_and_responses_match_the_schema(appliance, tmp_path):
     seed = os.environ.get("FUZZ_SEED", "20261126")
     out = subprocess.run(
         [str(BIN / "schemathesis"), "run", appliance.url + "/openapi.json", "--max-examples", "25",
-         "--seed", seed, "--checks", "not_a_server_error,response_schema_conformance", "--no-color"],
+         "--seed", seed, "-H", f"Authorization: Bearer {appliance.token}", "--checks", "not_a_server_error,response_schema_conformance", "--no-color"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "Tested: 14" in out.stdout, out.stdout[-3000:]

@@ -132,6 +132,7 @@ def test_nothing_acknowledged_is_lost_when_the_broker_is_killed(slow):
 
     def storm():
         s = requests.Session()
+        s.headers.update(slow.auth())
         while not stop.is_set():
             try:
                 r = s.post(slow.url + "/v1/async/submit", json=SHORT, timeout=10)

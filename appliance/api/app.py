@@ -6,21 +6,35 @@ schema and the wire schema are the same object.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import falcon
 
 from .. import protocol as P
+from ..audit import AuditLog
 from ..config import Settings
 from . import async_api, openai_api, openapi
+from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
+from .middleware import PUBLIC, Audit, Guard
+from .ratelimit import RateLimiter, parse_rate_limits
+
+
+def rate_limit_file(settings: Settings) -> Path:
+    return Path(settings.run_dir) / "api-ratelimit.bin"
 
 
 class Healthz:
+    auth = PUBLIC
+
     def on_get(self, req, resp):
         json_response(resp, {"status": "ok"})
 
 
 class Readyz:
+    auth = PUBLIC  # guarded by OPS_ENDPOINTS instead (loopback or token)
+
     def __init__(self, api: Api):
         self.api = api
 
@@ -35,7 +49,14 @@ class Readyz:
 
 
 def create_app(settings: Settings) -> falcon.App:
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    """The WSGI app. Run `security.check_startup(settings)` first: this trusts the settings."""
+    limiter = RateLimiter(rate_limit_file(settings), parse_rate_limits(settings.rate_limits))
+    middleware: list = [Audit(AuditLog(settings.audit_log, settings.audit_key))]
+    if settings.cors_origin_list:
+        middleware.append(falcon.CORSMiddleware(allow_origins=settings.cors_origin_list,
+                                                expose_headers=["Retry-After", "WWW-Authenticate"]))
+    middleware.append(Guard(settings, Authenticator(settings), limiter))
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)

@@ -10,6 +10,10 @@ from .errors import ApiError, invalid_field
 from .follow import follow
 from .sse import KEEPALIVE, sse_event, sse_response
 
+WRITE = {"POST": "tasks:write"}
+READ = {"GET": "tasks:read"}
+
+
 class SubmitBatchBody(msgspec.Struct, forbid_unknown_fields=True):
     tasks: list[P.TaskSpec]
 
@@ -20,6 +24,8 @@ def _links(task_id: str) -> dict:
 
 
 class Submit:
+    auth = WRITE
+
     def __init__(self, api: Api):
         self.api = api
 
@@ -27,13 +33,17 @@ class Submit:
         spec = self.api.read_json(req, P.TaskSpec)
         self.api.check_spec(spec)
         key = self.api.idempotency_key(req)
-        accepted = self.api.call(lambda r: P.Submit(r, spec, idempotency_key=key))
+        tenant = req.context.principal.tenant
+        accepted = self.api.call(lambda r: P.Submit(r, spec, tenant=tenant, idempotency_key=key))
+        req.context.audit_ids = [accepted.task_id]
         json_response(resp, {**_links(accepted.task_id), "state": accepted.state,
                              "stream_url": f"/v1/async/stream/{accepted.task_id}"}, falcon.HTTP_202)
 
 
 class SubmitBatch:
     """All or nothing: either every task is queued, or none is and the error says why."""
+
+    auth = WRITE
 
     def __init__(self, api: Api):
         self.api = api
@@ -44,16 +54,20 @@ class SubmitBatch:
             raise invalid_field("tasks", f"a batch holds 1 to {self.api.s.max_batch} tasks, not {len(body.tasks)}")
         for i, spec in enumerate(body.tasks):
             self.api.check_spec(spec, f"tasks[{i}].")
-        accepted = self.api.call(lambda r: P.SubmitBatch(r, body.tasks))
+        tenant = req.context.principal.tenant
+        accepted = self.api.call(lambda r: P.SubmitBatch(r, body.tasks, tenant=tenant))
+        req.context.audit_ids = accepted.task_ids
         json_response(resp, {"tasks": [{**_links(t), "state": "queued"} for t in accepted.task_ids]}, falcon.HTTP_202)
 
 
 class Status:
+    auth = READ
+
     def __init__(self, api: Api):
         self.api = api
 
     def on_get(self, req, resp, task_id):
-        info = self.api.call(lambda r: P.Query(r, self.api.task_id(task_id)))
+        info = self.api.call(lambda r: self.api.query(req, r, task_id))
         rec = info.task
         rec.result = None  # status is small; the result endpoint carries the text
         body = msgspec.to_builtins(rec)
@@ -65,11 +79,13 @@ class Status:
 
 
 class Result:
+    auth = READ
+
     def __init__(self, api: Api):
         self.api = api
 
     def on_get(self, req, resp, task_id):
-        info = self.api.call(lambda r: P.Query(r, self.api.task_id(task_id)))
+        info = self.api.call(lambda r: self.api.query(req, r, task_id))
         rec = info.task
         if rec.state not in P.FINAL_STATES:
             # Not done yet: 202 says "accepted, still processing"; poll again.
@@ -84,15 +100,19 @@ class Result:
 
 
 class Cancel:
+    auth = WRITE
+
     def __init__(self, api: Api):
         self.api = api
 
     def on_post(self, req, resp, task_id):
-        info = self.api.call(lambda r: P.Cancel(r, self.api.task_id(task_id)))
+        info = self.api.call(lambda r: P.Cancel(r, self.api.task_id(task_id), **self.api.owner(req)))
         json_response(resp, {"task_id": info.task.task_id, "state": info.task.state})
 
 
 class Stats:
+    auth = READ
+
     def __init__(self, api: Api):
         self.api = api
 
@@ -112,6 +132,8 @@ class Health:
     oldest task has waited more than HEALTH_BACKLOG_WAIT_S; healthy otherwise.
     """
 
+    auth = READ
+
     def __init__(self, api: Api):
         self.api = api
 
@@ -122,12 +144,11 @@ class Health:
                 "last_progress_s": st.last_progress_s}
         json_response(resp, body, falcon.HTTP_503 if st.health == "stalled" else falcon.HTTP_200)
 
-
-
-
 class Stream:
     """SSE: `token` events with text as llama.cpp produces it, then one `result` event
     with the final record (or `error` if the task outlives the stream's patience)."""
+
+    auth = READ
 
     def __init__(self, api: Api):
         self.api = api
@@ -136,15 +157,15 @@ class Stream:
         task_id = self.api.task_id(task_id)
         watch = self.api.broker().watch(task_id)  # before the first query: miss nothing
         try:
-            info = self.api.call(lambda r: P.Query(r, task_id))  # 404 before any byte is sent
+            info = self.api.call(lambda r: self.api.query(req, r, task_id))  # 404 before any byte is sent
         except BaseException:
             watch.close()
             raise
         deadline = info.task.created_at + self.api.s.task_timeout_max_s + 5
-        sse_response(resp, self._events(task_id, deadline, watch))
+        sse_response(resp, self._events(task_id, deadline, self.api.owner(req), watch))
 
-    def _events(self, task_id: str, deadline: float, watch):
-        for kind, value in follow(self.api, task_id, deadline, watch):
+    def _events(self, task_id: str, deadline: float, owner: dict, watch):
+        for kind, value in follow(self.api, task_id, deadline, owner, watch):
             if kind == "text":
                 yield sse_event({"text": value}, "token")
             elif kind == "final":

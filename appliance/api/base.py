@@ -63,7 +63,7 @@ class Api:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
 
     def check_spec(self, spec: P.TaskSpec, prefix: str = "") -> None:
-        problem = spec.check(self.s.task_timeout_max_s)
+        problem = spec.check(self.s.task_timeout_max_s, self.s.max_prompt_chars)
         if problem is not None:
             raise invalid_field(prefix + problem[0], problem[1])
 
@@ -73,6 +73,15 @@ class Api:
         if key is not None and not 1 <= len(key) <= 200:
             raise invalid_field("Idempotency-Key", "1 to 200 characters")
         return key
+
+    @staticmethod
+    def owner(req: falcon.Request) -> dict:
+        """Whose tasks a caller may see: its tenant's, or every tenant's for `admin`."""
+        principal = req.context.principal
+        return {"tenant": principal.tenant, "all_tenants": principal.admin}
+
+    def query(self, req: falcon.Request, r: int, task_id: str) -> P.Query:
+        return P.Query(r, self.task_id(task_id), **self.owner(req))
 
     @staticmethod
     def task_id(raw: str) -> str:

@@ -12,6 +12,8 @@ import logging
 import falcon
 import msgspec
 
+from ..logs import exception_summary
+
 log = logging.getLogger("appliance.api")
 
 # status -> the code used when a Falcon error carries none of ours
@@ -61,6 +63,7 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HT
         code = _DEFAULT_CODES.get(status, f"http_{status}")
         message = exc.title if exc.description is None else f"{exc.title}: {exc.description}"
         details = {}
+    req.context.error_code = code  # for the audit record
     resp.status = exc.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = _body(code, message, details)
@@ -72,7 +75,9 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HT
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError):
         return handle_http_error(req, resp, exc, params)
-    log.exception("unhandled error on %s %s", req.method, req.path)
+    log.error("unhandled error on %s %s: %s", req.method, req.uri_template or req.path[:200],
+              exception_summary(exc))
+    req.context.error_code = "internal"
     resp.status = falcon.HTTP_500
     resp.content_type = falcon.MEDIA_JSON
     resp.data = _body("internal", "internal error; see the api log", None)

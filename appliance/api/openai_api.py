@@ -121,13 +121,14 @@ class OpenAI:
             raise invalid_field("X-Priority", f"one of {', '.join(P.PRIORITIES)}")
         return value
 
-    def start(self, spec: P.TaskSpec):
+    def start(self, req: falcon.Request, spec: P.TaskSpec):
         """Submit with an id of our own, already watched: no event can be missed."""
         self.api.check_spec(spec)
         task_id = uuid.uuid4().hex
+        req.context.audit_ids = [task_id]
         watch = self.api.broker().watch(task_id)
         try:
-            self.api.call(lambda r: P.Submit(r, spec, task_id=task_id))
+            self.api.call(lambda r: P.Submit(r, spec, tenant=req.context.principal.tenant, task_id=task_id))
         except BaseException:
             watch.close()
             raise
@@ -136,13 +137,14 @@ class OpenAI:
     def deadline(self, spec: P.TaskSpec) -> float:
         return time.time() + spec.timeout_s + 5
 
-    def wait(self, spec: P.TaskSpec) -> P.TaskRecord:
-        task_id, watch = self.start(spec)
-        for kind, value in follow(self.api, task_id, self.deadline(spec), watch):
+    def wait(self, req: falcon.Request, spec: P.TaskSpec) -> P.TaskRecord:
+        task_id, watch = self.start(req, spec)
+        owner = self.api.owner(req)
+        for kind, value in follow(self.api, task_id, self.deadline(spec), owner, watch):
             if kind == "final":
                 return self.check_final(value)
             if kind == "timeout":
-                self.api.call(lambda r: P.Cancel(r, task_id))
+                self.api.call(lambda r: P.Cancel(r, task_id, **owner))
                 raise ApiError(504, "timeout", "the task did not finish in time")
         raise AssertionError("unreachable")
 
@@ -154,12 +156,13 @@ class OpenAI:
         raise ApiError(_FAILURE_STATUS.get(err.code, 502), err.code if err.code in _FAILURE_STATUS else "model_error",
                        err.message, {"task_id": rec.task_id, "state": rec.state, "reason": err.code})
 
-    def stream(self, spec: P.TaskSpec, make_chunk, include_usage: bool):
+    def stream(self, req: falcon.Request, spec: P.TaskSpec, make_chunk, include_usage: bool):
         """SSE body: OpenAI chunks from `make_chunk(text=..., finish=...)`, then [DONE]."""
-        task_id, watch = self.start(spec)
+        task_id, watch = self.start(req, spec)
+        owner = self.api.owner(req)
 
         def events():
-            for kind, value in follow(self.api, task_id, self.deadline(spec), watch):
+            for kind, value in follow(self.api, task_id, self.deadline(spec), owner, watch):
                 if kind == "text":
                     yield sse_event(make_chunk(task_id, text=value))
                 elif kind == "idle":
@@ -175,7 +178,7 @@ class OpenAI:
                     if include_usage:
                         yield sse_event(make_chunk(task_id, usage=_usage(res)))
                 else:
-                    self.api.call(lambda r: P.Cancel(r, task_id))
+                    self.api.call(lambda r: P.Cancel(r, task_id, **owner))
                     yield sse_event({"error": {"code": "timeout", "message": "the task did not finish in time",
                                                "type": "task_failed"}})
             yield b"data: [DONE]\n\n"
@@ -187,7 +190,7 @@ def _usage(res: P.TaskResult) -> dict:
             "total_tokens": res.prompt_tokens + res.completion_tokens}
 
 
-def _answer(oa: OpenAI, resp, spec: P.TaskSpec, model: str, stream: bool, include_usage: bool, chat: bool):
+def _answer(oa: OpenAI, req, resp, spec: P.TaskSpec, model: str, stream: bool, include_usage: bool, chat: bool):
     """Run the task and answer as OpenAI does: a whole object, or SSE chunks.
 
     Chat and text completions differ only in names and in the shape of a choice.
@@ -205,9 +208,9 @@ def _answer(oa: OpenAI, resp, spec: P.TaskSpec, model: str, stream: bool, includ
             else:
                 c["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
             return c
-        sse_response(resp, oa.stream(spec, chunk, include_usage))
+        sse_response(resp, oa.stream(req, spec, chunk, include_usage))
         return
-    rec = oa.wait(spec)
+    rec = oa.wait(req, spec)
     res = rec.result
     choice = {"index": 0, "message": {"role": "assistant", "content": res.text}} if chat else {
         "index": 0, "text": res.text}
@@ -217,6 +220,8 @@ def _answer(oa: OpenAI, resp, spec: P.TaskSpec, model: str, stream: bool, includ
 
 
 class ChatCompletions:
+    auth = {"POST": "tasks:write"}
+
     def __init__(self, oa: OpenAI):
         self.oa = oa
 
@@ -236,10 +241,12 @@ class ChatCompletions:
                                     "or {type: text} are supported")
             spec.type, spec.json_schema = "extract", schema
         include = bool(body.stream_options and body.stream_options.include_usage)
-        _answer(self.oa, resp, spec, body.model, body.stream, include, chat=True)
+        _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=True)
 
 
 class Completions:
+    auth = {"POST": "tasks:write"}
+
     def __init__(self, oa: OpenAI):
         self.oa = oa
 
@@ -249,10 +256,12 @@ class Completions:
         spec = P.TaskSpec(type="complete", prompt=body.prompt, max_tokens=body.max_tokens,
                           temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
         include = bool(body.stream_options and body.stream_options.include_usage)
-        _answer(self.oa, resp, spec, body.model, body.stream, include, chat=False)
+        _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=False)
 
 
 class Embeddings:
+    auth = {"POST": "tasks:write"}
+
     def __init__(self, oa: OpenAI):
         self.oa = oa
 
@@ -261,7 +270,7 @@ class Embeddings:
         self.oa.check_model(body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
         spec = P.TaskSpec(type="embed", texts=texts, priority=self.oa.priority(req))
-        rec = self.oa.wait(spec)
+        rec = self.oa.wait(req, spec)
         res = rec.result
         json_response(resp, {
             "object": "list", "model": body.model,
@@ -279,6 +288,8 @@ def _encode(vector: list[float], fmt: str):
 
 
 class Models:
+    auth = {"GET": "tasks:read"}
+
     def __init__(self, oa: OpenAI):
         self.oa = oa
 

@@ -13,6 +13,7 @@ from msgspec import Struct
 
 from .. import protocol as P
 from . import async_api, openai_api
+from .middleware import PUBLIC
 
 
 class ErrorDetail(Struct):
@@ -135,15 +136,17 @@ _ERRORS = {
     "404": "unknown id, route or model",
     "409": "the task is already final",
     "410": "the result expired",
+    "401": "no token, or the token is invalid or expired (code says which)",
+    "403": "the token lacks the scope this call needs (details.required)",
     "413": "body too large",
     "422": "a field is invalid (details.field names it)",
-    "429": "queue full (see Retry-After)",
+    "429": "queue full or rate limit exceeded (see Retry-After)",
     "503": "broker or model instance unavailable (see Retry-After)",
 }
 
 
 def _op(summary: str, ok: tuple[str, Any] | None, errors: str, body: Any = None, params: bool = False,
-        extra: dict | None = None, sse: bool = False) -> tuple[dict, list]:
+        extra: dict | None = None, sse: bool = False, secured: bool = True) -> tuple[dict, list]:
     types = []
     responses: dict[str, Any] = {}
     if ok is not None:
@@ -157,7 +160,7 @@ def _op(summary: str, ok: tuple[str, Any] | None, errors: str, body: Any = None,
     for code, typ in (extra or {}).items():
         types.append(typ)
         responses[code] = {"description": "see summary", "content": {"application/json": {"schema": typ}}}
-    for code in errors.split():
+    for code in dict.fromkeys(errors.split() + (["401", "403", "429"] if secured else [])):
         types.append(ErrorBody)
         responses[code] = {"description": _ERRORS[code], "content": {"application/json": {"schema": ErrorBody}}}
     op: dict[str, Any] = {"summary": summary, "responses": responses}
@@ -172,8 +175,9 @@ def _op(summary: str, ok: tuple[str, Any] | None, errors: str, body: Any = None,
 
 def build() -> dict:
     ops = {
-        ("/healthz", "get"): _op("the API process is alive", ("200", Ok), ""),
-        ("/readyz", "get"): _op("broker reachable and a model instance registered", ("200", Ready), "503"),
+        ("/healthz", "get"): _op("the API process is alive", ("200", Ok), "", secured=False),
+        ("/readyz", "get"): _op("broker reachable and a model instance registered (loopback or token, see OPS_ENDPOINTS)",
+                                ("200", Ready), "401 503", secured=False),
         ("/v1/async/submit", "post"): _op("queue a task", ("202", SubmitAccepted), "400 413 422 429 503",
                                           body=P.TaskSpec),
         ("/v1/async/submit-batch", "post"): _op("queue tasks, all or none", ("202", BatchAccepted),
@@ -208,16 +212,22 @@ def build() -> dict:
         if "requestBody" in op:
             media = op["requestBody"]["content"]["application/json"]
             media["schema"] = by_type[id(media["schema"])]
+        if path.startswith("/v1/"):
+            op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
         "info": {"title": "Clinical LLM inference appliance", "version": "1"},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                       "description": "`appliance token --sub NAME --scopes tasks:read,tasks:write`"}}},
     }
 
 
 class OpenApi:
+    auth = PUBLIC
+
     def __init__(self) -> None:
         self.body = msgspec.json.encode(build())
 

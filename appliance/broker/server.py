@@ -22,6 +22,7 @@ import zmq
 
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
+from ..logs import exception_summary
 from ..store.journal import SqliteJournal
 from ._pqueue import PriorityQueue, QueueFull
 
@@ -184,8 +185,8 @@ class Broker:
                 continue
             try:
                 handler(frames[0], frames[1])
-            except Exception:  # a bug must cost one message, not the broker
-                log.exception("message handling failed; message dropped")
+            except Exception as exc:  # a bug must cost one message, not the broker
+                log.error("message handling failed; message dropped: %s", exception_summary(exc))
 
     def _drain_telemetry(self) -> None:
         while True:
@@ -264,7 +265,7 @@ class Broker:
             self._on_submit(identity, msg.req, msg.specs, msg.tenant, batch=True)
         elif isinstance(msg, P.Query):
             rec = self._lookup(msg.task_id)
-            if rec is None:
+            if rec is None or not (msg.all_tenants or rec.tenant == msg.tenant):
                 self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
             else:
                 task = self.tasks.get(msg.task_id)
@@ -301,7 +302,7 @@ class Broker:
                    task_id: str | None = None, idem: str | None = None) -> None:
         """Queue one task or a whole batch; a batch is atomic: all or none."""
         for i, spec in enumerate(specs):
-            problem = spec.check(self.s.task_timeout_max_s)
+            problem = spec.check(self.s.task_timeout_max_s, self.s.max_prompt_chars)
             if problem is not None:
                 where = f"tasks[{i}].{problem[0]}" if batch else problem[0]
                 self._reply(identity, P.Refused(req, "invalid_field", f"{where}: {problem[1]}"))
@@ -362,9 +363,12 @@ class Broker:
 
     def _on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
         task = self.tasks.get(msg.task_id)
+        if task is not None and not (msg.all_tenants or task.record.tenant == msg.tenant):
+            self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
+            return
         if task is None:
             rec = self._lookup(msg.task_id)
-            if rec is None:
+            if rec is None or not (msg.all_tenants or rec.tenant == msg.tenant):
                 self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
             else:
                 self._reply(identity, P.Refused(msg.req, "already_final", f"the task is already {rec.state}"))

@@ -23,6 +23,7 @@ import zmq
 
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
+from ..logs import exception_summary
 from .grammar import schema_to_gbnf
 from .server import ServerStartError, start_server
 from .tinymodel import ensure_tiny_model
@@ -351,8 +352,11 @@ class Launcher:
         try:
             done = run_task(self.client, self.s.model_name, task_id, spec, deadline, on_text)
         except Exception as exc:  # never lose a task to a bug here
-            log.exception("task failed unexpectedly")
+            log.error("task %s failed unexpectedly: %s", task_id, exception_summary(exc))
             done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
+        if self.s.log_clinical_text:  # explicit opt-in, announced at start
+            log.info("task %s input=%r output=%r", task_id, spec.messages or spec.prompt or spec.texts,
+                     done.result.text if done.result is not None else None)
         flush()  # the last tokens go before the Done, on the same socket: in order
         push.send(P.encode(done))
 
@@ -428,6 +432,8 @@ class Launcher:
 
 
 def main(settings: Settings, index: int) -> None:
+    if settings.log_clinical_text:
+        log.warning("!!! LOG_CLINICAL_TEXT=true: prompts and generated text WILL be written to this log")
     launcher = Launcher(settings, index)
     signal.signal(signal.SIGTERM, launcher.stop)
     signal.signal(signal.SIGINT, launcher.stop)

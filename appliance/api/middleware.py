@@ -1,0 +1,107 @@
+"""The request guard (authentication, scopes, rate limits, probe access) and the audit trail.
+
+Every resource states what it needs in an `auth` class attribute: PUBLIC, or a
+{method: scope} map. A /v1 resource that states nothing needs `admin`: forgetting the
+declaration fails closed. The guard runs before routing for authentication (so an
+unknown /v1 path tells an anonymous caller nothing) and after routing for the scope.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+
+import falcon
+
+from ..audit import AuditLog
+from ..config import Settings
+from .auth import Authenticator
+from .errors import ApiError
+from .ratelimit import RateLimiter
+
+log = logging.getLogger("appliance.api")
+
+PUBLIC = "public"
+OPS_PATHS = frozenset({"/readyz", "/metrics"})
+
+
+def _loopback(addr: str | None) -> bool:
+    try:
+        return addr is not None and ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def required_scope(resource, method: str) -> str | None:
+    """The scope a request needs; None for public resources and unsupported methods."""
+    auth = getattr(resource, "auth", None)
+    if auth == PUBLIC:
+        return None
+    if auth is None:
+        return "admin"
+    return auth.get(method)
+
+
+class Guard:
+    def __init__(self, s: Settings, authenticator: Authenticator, limiter: RateLimiter):
+        self.auth = authenticator
+        self.limiter = limiter
+        self.ops_mode = s.ops_endpoints
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.principal = None
+        if req.method == "OPTIONS":  # CORS preflight carries no credentials
+            return
+        path = req.path
+        if path == "/v1" or path.startswith("/v1/"):
+            req.context.principal = self.auth.authenticate(req.get_header("Authorization"))
+        elif path in OPS_PATHS:
+            if self.ops_mode == "open" or (self.ops_mode == "loopback_or_token" and _loopback(req.remote_addr)):
+                return
+            req.context.principal = self.auth.authenticate(req.get_header("Authorization"))
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        principal = req.context.principal
+        if params and "task_id" in params:
+            req.context.audit_ids = [params["task_id"]]
+        if principal is None or resource is None or req.path in OPS_PATHS:
+            return
+        scope = required_scope(resource, req.method)
+        if scope is None:
+            return
+        if not principal.allows(scope):
+            raise ApiError(403, "insufficient_scope", f"this call needs the `{scope}` scope", {"required": scope},
+                           headers={"WWW-Authenticate": f'Bearer realm="appliance", error="insufficient_scope", '
+                                                        f'scope="{scope}"'})
+        wait = self.limiter.take(principal.subject, scope)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"rate limit for `{scope}` exceeded; retry after the delay",
+                           {"scope": scope}, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+class Audit:
+    """One record per /v1 or probe request, after its response is decided (401s included)."""
+
+    def __init__(self, log_: AuditLog):
+        self.log = log_
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        path = req.path
+        if not (path.startswith("/v1") or path in OPS_PATHS) or req.method == "OPTIONS":
+            return
+        principal = req.context.get("principal")
+        status = resp.status_code
+        try:
+            self.log.append(
+                subject=principal.subject if principal else None,
+                tenant=principal.tenant if principal else None,
+                method=req.method,
+                route=req.uri_template or path[:200],
+                ids=req.context.get("audit_ids") or [],
+                status=status,
+                outcome="ok" if status < 400 else req.context.get("error_code", f"http_{status}"),
+                remote=req.remote_addr,
+            )
+        except OSError as exc:
+            # the response is decided; say loudly that its record is missing
+            log.error("audit record not written for %s %s: %s", req.method, req.uri_template or "?", exc)

@@ -1,0 +1,113 @@
+"""The audit log: who did what to which task, as append-only, hash-chained JSON lines.
+
+Each record carries `seq`, the previous record's hash (`prev`) and its own `hash`, an
+HMAC-SHA256 under AUDIT_KEY of the record's canonical JSON (sorted keys, without
+`hash`). Changing a line breaks its hash; removing or reordering lines breaks `seq`
+and `prev`; and without the key nobody can write a new, consistent chain.
+`appliance audit verify` checks all three and names the line.
+
+Records hold subject, tenant, route, ids, status and outcome: never prompt or result
+text. Several gunicorn workers append to one file: an flock serialises them, and a
+writer re-reads the tail when the file grew under it, so the chain stays one chain.
+Records are written (not fsynced) before the response leaves: they survive a process
+crash, and an OS crash can lose the last few, which `verify` then cannot see (a chain
+proves order and integrity of what is there, not that the tail is complete).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import os
+import threading
+from pathlib import Path
+
+import msgspec
+
+GENESIS = "0" * 64
+_TAIL = 65536
+
+
+def _digest(key: bytes, record: dict) -> str:
+    body = msgspec.json.encode({k: v for k, v in record.items() if k != "hash"}, order="sorted")
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    def __init__(self, path: str | Path, key: str):
+        self.path = Path(path)
+        self.key = key.encode()
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._size = -1
+        self._seq = 0
+        self._prev = GENESIS
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        self._pid = os.getpid()
+        self._size = -1
+
+    def _load_tail(self, size: int) -> None:
+        if size == 0:
+            self._seq, self._prev = 0, GENESIS
+            return
+        start = max(0, size - _TAIL)
+        tail = os.pread(self._fd, size - start, start)
+        last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        try:
+            rec = msgspec.json.decode(last)
+            self._seq, self._prev = int(rec["seq"]), str(rec["hash"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            # a damaged last line: chain on from it anyway, `verify` will name it
+            self._seq, self._prev = self._seq + 1, hashlib.sha256(last).hexdigest()
+
+    def append(self, **fields) -> dict:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._open()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(self._fd).st_size
+                if size != self._size:  # another worker wrote since our last record
+                    self._load_tail(size)
+                rec = {"seq": self._seq + 1, "time": _now_iso(), **fields, "prev": self._prev}
+                rec["hash"] = _digest(self.key, rec)
+                line = msgspec.json.encode(rec) + b"\n"
+                os.write(self._fd, line)
+                self._seq, self._prev, self._size = rec["seq"], rec["hash"], size + len(line)
+                return rec
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def verify(path: str | Path, key: str) -> tuple[int, list[str]]:
+    """(records read, problems); each problem names its line (1-based)."""
+    problems: list[str] = []
+    prev_hash, prev_seq, n = GENESIS, 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                rec = msgspec.json.decode(raw)
+                seq, stored, prev = int(rec["seq"]), rec["hash"], rec["prev"]
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+                problems.append(f"line {n}: not an audit record (damaged or inserted)")
+                prev_hash, prev_seq = hashlib.sha256(raw).hexdigest(), prev_seq + 1
+                continue
+            if not hmac.compare_digest(_digest(key.encode(), rec), str(stored)):
+                problems.append(f"line {n} (seq {seq}): content changed (hash does not match)")
+            if seq != prev_seq + 1 or prev != prev_hash:
+                if seq <= prev_seq:
+                    problems.append(f"line {n} (seq {seq}): out of order, after seq {prev_seq} (lines reordered)")
+                elif seq > prev_seq + 1:
+                    problems.append(f"line {n} (seq {seq}): {seq - prev_seq - 1} record(s) removed before it")
+                else:
+                    problems.append(f"line {n} (seq {seq}): does not chain to the line before it")
+            prev_hash, prev_seq = str(stored), seq
+    return n, problems
