@@ -10,7 +10,9 @@ SRC    := pyproject.toml setup.py $(wildcard native/*.pyx)
 
 .PHONY: run test install bench clean
 
+# Secure by default at no cost: a fresh checkout gets a .env with generated secrets.
 run: $(VENV)/.installed
+	@test -f "$${APPLIANCE_HOME:-.}/.env" || $(BIN)/appliance init
 	$(BIN)/appliance up
 
 test: $(VENV)/.installed-test

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -53,7 +54,10 @@ class Appliance:
         self.port = int(env["API_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.token = self.mint("tester", *USER_SCOPES)
+
+    @functools.cached_property
+    def token(self) -> str:
+        return self.mint("tester", *USER_SCOPES)
 
     def settings(self):
         from appliance.config import load_settings
@@ -69,7 +73,10 @@ class Appliance:
         return {"Authorization": f"Bearer {token or self.token}"}
 
     def _headers(self, kw: dict) -> dict:
-        kw["headers"] = {**self.auth(), **(kw.get("headers") or {})}
+        headers = kw.get("headers") or {}
+        if "Authorization" not in headers and self.settings().jwt_secret_key:
+            headers = {**self.auth(), **headers}
+        kw["headers"] = headers
         return kw
 
     def start(self) -> None:
