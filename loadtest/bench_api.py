@@ -26,7 +26,9 @@ from pathlib import Path
 
 import requests
 
+from appliance.config import load_settings
 from appliance.llama.server import free_port
+from appliance.security import init_env, mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,11 +38,15 @@ class Appliance:
     def __init__(self, **env):
         self.home = Path(tempfile.mkdtemp(prefix="bench-api-"))
         shutil.copy(ROOT / "supervisord.conf", self.home)
+        init_env(self.home)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        e = {k: v for k, v in os.environ.items() if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_"))}
+        e = {k: v for k, v in os.environ.items()
+             if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_"))}
         e.update({"APPLIANCE_HOME": str(self.home), "API_PORT": str(self.port), "LOG_LEVEL": "WARNING"})
         e.update({k: str(v) for k, v in env.items()})
+        self.token = mint_token(load_settings(e), "loadtest", ["tasks:read", "tasks:write"], 3600)
+        self.auth = {"Authorization": f"Bearer {self.token}"}
         self.proc = subprocess.Popen([str(BIN / "appliance"), "up"], cwd=self.home, env=e,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 90
@@ -64,18 +70,22 @@ class Appliance:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def locust(url: str, user: str, users: int, seconds: int, out: Path) -> dict[str, dict]:
+def locust(app: Appliance, user: str, users: int, seconds: int, out: Path) -> dict[str, dict]:
     prefix = out / user
+    url = app.url
     subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
                     "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix),
                     "--only-summary", "--loglevel", "ERROR", user],
-                   check=False, capture_output=True, timeout=seconds + 120)
+                   check=False, capture_output=True, timeout=seconds + 120,
+                   env={**os.environ, "APPLIANCE_TOKEN": app.token})
     with open(f"{prefix}_stats.csv") as f:
         return {row["Name"]: row for row in csv.DictReader(f)}
 
 
-def watch_depth(url: str, stop: threading.Event, samples: list[int]) -> None:
+def watch_depth(app: Appliance, stop: threading.Event, samples: list[int]) -> None:
+    url = app.url
     s = requests.Session()
+    s.headers.update(app.auth)
     while not stop.is_set():
         try:
             samples.append(s.get(url + "/v1/async/stats", timeout=2).json()["queued"])
@@ -86,16 +96,16 @@ def watch_depth(url: str, stop: threading.Event, samples: list[int]) -> None:
 
 def bench_locust(app: Appliance, users: int, seconds: int) -> None:
     out = Path(tempfile.mkdtemp(prefix="locust-"))
-    ceiling = locust(app.url, "Healthz", users, seconds, out)["healthz"]
+    ceiling = locust(app, "Healthz", users, seconds, out)["healthz"]
     depth: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=watch_depth, args=(app.url, stop, depth))
+    t = threading.Thread(target=watch_depth, args=(app, stop, depth))
     t.start()
-    full = locust(app.url, "SubmitAndPoll", users, seconds, out)
+    full = locust(app, "SubmitAndPoll", users, seconds, out)
     stop.set()
     t.join()
     # last: it leaves a backlog that the model drains long after the phase ends
-    submit_only = locust(app.url, "SubmitOnly", users, seconds, out)["submit"]
+    submit_only = locust(app, "SubmitOnly", users, seconds, out)["submit"]
     sub, st, res = full["submit"], full["status"], full["result"]
     n_sub = int(sub["Request Count"])
     ok = int(res["Request Count"]) - int(res["Failure Count"])
@@ -121,8 +131,9 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
 
 
 def bench_added_latency(app: Appliance, n: int) -> None:
-    endpoint = requests.get(app.url + "/v1/async/stats").json()["workers"][0]["endpoint"]
+    endpoint = requests.get(app.url + "/v1/async/stats", headers=app.auth).json()["workers"][0]["endpoint"]
     s = requests.Session()
+    s.headers.update(app.auth)  # llama.cpp ignores it
     body = {"model": "appliance-tiny", "messages": [{"role": "user", "content": "Vitals stable?"}],
             "max_tokens": 8, "temperature": 0}
 
@@ -157,7 +168,8 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=500)
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    app = Appliance(QUEUE_MAX_SIZE=200_000)
+    # the buckets are per subject, and here one subject is the whole load: lift them
+    app = Appliance(QUEUE_MAX_SIZE=200_000, RATE_LIMITS="tasks:write=1000000/s:1000000,tasks:read=1000000/s:1000000")
     try:
         bench_locust(app, args.users, args.seconds)
         bench_added_latency(app, args.latency_n)

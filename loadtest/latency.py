@@ -8,6 +8,7 @@ millisecond), and the broker's own created->finished time, as avg/p50/p95/p99 in
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -24,8 +25,11 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--token", default=os.environ.get("APPLIANCE_TOKEN", ""),
+                    help="bearer token (default: $APPLIANCE_TOKEN); mint one with `appliance token`")
     args = ap.parse_args()
     s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {args.token}"
     body = {"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}],
             "max_tokens": args.max_tokens}
     submit, visible, broker = [], [], []

@@ -7,10 +7,17 @@
   poll its status until it is final, fetch the result.
 - SubmitOnly: the submit path alone (its throughput against the ceiling).
 - Healthz: the ceiling: the same gunicorn answering /healthz.
+
+Every /v1 call needs a bearer token: set APPLIANCE_TOKEN (`appliance token --sub
+loadtest --scopes tasks:read,tasks:write`), and raise RATE_LIMITS on the appliance
+under test, or its per-subject buckets are what you measure.
 """
+import os
 import time
 
 from locust import FastHttpUser, constant, task
+
+AUTH = {"Authorization": f"Bearer {os.environ.get('APPLIANCE_TOKEN', '')}"}
 
 CHAT = {"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}], "max_tokens": 1}
 FINAL = {"completed", "failed", "cancelled", "expired"}
@@ -21,20 +28,23 @@ class SubmitAndPoll(FastHttpUser):
 
     @task
     def submit_and_poll(self):
-        with self.client.post("/v1/async/submit", json=CHAT, name="submit", catch_response=True) as r:
+        with self.client.post("/v1/async/submit", json=CHAT, headers=AUTH, name="submit",
+                              catch_response=True) as r:
             if r.status_code != 202:
                 r.failure(f"submit answered {r.status_code}")
                 return
             task_id = r.json()["task_id"]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with self.client.get(f"/v1/async/status/{task_id}", name="status", catch_response=True) as r:
+            with self.client.get(f"/v1/async/status/{task_id}", headers=AUTH, name="status",
+                                 catch_response=True) as r:
                 if r.status_code != 200:
                     r.failure(f"status answered {r.status_code}")
                     return
                 state = r.json()["state"]
             if state in FINAL:
-                with self.client.get(f"/v1/async/result/{task_id}", name="result", catch_response=True) as r:
+                with self.client.get(f"/v1/async/result/{task_id}", headers=AUTH, name="result",
+                                     catch_response=True) as r:
                     if r.status_code != 200 or r.json()["state"] != "completed":
                         r.failure(f"task ended {state}")
                 return
@@ -46,7 +56,8 @@ class SubmitOnly(FastHttpUser):
 
     @task
     def submit(self):
-        with self.client.post("/v1/async/submit", json=CHAT, name="submit", catch_response=True) as r:
+        with self.client.post("/v1/async/submit", json=CHAT, headers=AUTH, name="submit",
+                              catch_response=True) as r:
             if r.status_code != 202:
                 r.failure(f"submit answered {r.status_code}")
 

@@ -176,6 +176,9 @@ def test_no_clinical_text_or_secret_in_any_log(app):
     s = app.settings()
     logs = [p for p in (app.home / "var" / "log").iterdir() if p.is_file()] + [app.home / "appliance-up.out"]
     assert {"audit.jsonl", "api.log", "broker.log"} <= {p.name for p in logs}, logs
+    private = logs[:-1] + list((app.home / "var" / "data").glob("journal*"))  # not the test's own file
+    for path in private:  # written under supervisord's umask 077: owner only
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is readable by others"
     for path in logs:
         text = path.read_text(errors="replace")
         for needle in (PROMPT, "Jane Roe", "MRN 4471", generated, s.jwt_secret_key, s.audit_key, app.token):

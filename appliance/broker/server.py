@@ -148,8 +148,11 @@ class Broker:
             if self.telemetry in ready:
                 self._drain_telemetry()
             self._fire_timers()
-            self._commit_and_ack()
+            # Dispatch first: the worker starts while the journal fsyncs. Acks still wait
+            # for the commit, so a crash here loses no acknowledged task; at worst a task
+            # whose submit was never answered runs once for nothing.
             self._dispatch()
+            self._commit_and_ack()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
             self._commit_and_ack()
