@@ -39,6 +39,7 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     broker_timeout_s: Annotated[float, Meta(gt=0)] = 1.0
 
+    database_url: str = ""  # sqlite:///PATH (default DATA_DIR/journal.sqlite3); the journal
     broker_front: str = ""
     broker_back: str = ""
     broker_events: str = ""
@@ -105,6 +106,10 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
         return self.model_alias or self.model_file.stem
 
     @property
+    def journal_path(self) -> str:
+        return self.database_url.removeprefix("sqlite:///")
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
@@ -156,6 +161,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     s.broker_events = s.broker_events or f"ipc://{run}/broker-events.ipc"
     s.telemetry_endpoint = s.telemetry_endpoint or f"ipc://{run}/telemetry.ipc"
     s.audit_log = s.audit_log or str(Path(s.log_dir) / "audit.jsonl")
+    s.database_url = s.database_url or f"sqlite:///{Path(s.data_dir) / 'journal.sqlite3'}"
+    if not s.database_url.startswith("sqlite:///"):
+        scheme = s.database_url.split(":", 1)[0]
+        raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not supported; use sqlite:///PATH "
+                          "(the journal is behind a small interface, store/journal.py, for other backends)")
     for endpoint in (s.broker_front, s.broker_back, s.broker_events, s.telemetry_endpoint):
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")

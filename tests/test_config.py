@@ -25,6 +25,9 @@ def test_environment_beats_dotenv(tmp_path):
     ("API_PORT", "70000", "API_PORT"),
     ("QUEUE_MAX_SIZE", "0", "QUEUE_MAX_SIZE"),
     ("LLAMA_SLOTS", "-1", "LLAMA_SLOTS"),
+    ("JWT_ALGORITHM", "none", "JWT_ALGORITHM"),
+    ("OPS_ENDPOINTS", "everyone", "OPS_ENDPOINTS"),
+    ("ALLOW_INSECURE_DEV", "maybe", "ALLOW_INSECURE_DEV"),
 ])
 def test_a_wrong_value_names_the_key(tmp_path, key, value, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -40,3 +43,12 @@ def test_a_broken_dotenv_line_is_reported(tmp_path):
 def test_overlong_ipc_path_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="RUN_DIR"):
         load_settings({"APPLIANCE_HOME": str(tmp_path), "RUN_DIR": "/tmp/" + "x" * 120})
+
+
+def test_database_url_names_the_journal(tmp_path):
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path)})
+    assert s.journal_path == str(tmp_path / "var/data/journal.sqlite3")
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "sqlite:////srv/journal.db"})
+    assert s.journal_path == "/srv/journal.db"
+    with pytest.raises(ConfigError, match="DATABASE_URL: scheme 'postgresql' is not supported"):
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "postgresql://u:p@db/appliance"})

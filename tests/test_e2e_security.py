@@ -49,7 +49,8 @@ def test_every_v1_route_needs_a_token_and_the_probes_do_not(app):
     routes = [(m, p.replace("{task_id}", UNKNOWN)) for p, ops in doc["paths"].items() for m in ops
               if p.startswith("/v1/")]
     assert len(routes) >= 12
-    for method, path in routes + [("get", "/v1/no-such-route")]:
+    variants = [("get", "/v1/no-such-route"), ("get", "//v1/async/stats"), ("post", "/v1//async/submit")]
+    for method, path in routes + variants:
         r = requests.request(method, app.url + path, json={}, timeout=10)
         assert error_of(r, 401) == "unauthenticated", path
         assert r.headers["WWW-Authenticate"].startswith("Bearer")

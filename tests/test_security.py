@@ -330,3 +330,26 @@ def test_probes_are_loopback_or_token_and_cors_is_exact(tmp_path):
     assert ok.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
     other = client.simulate_get("/healthz", headers={"Origin": "https://evil.example.com"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_the_guard_decides_on_the_routed_resource_not_the_path_spelling(tmp_path):
+    from appliance.api.app import create_app
+
+    s = settings(tmp_path, BROKER_TIMEOUT_S="0.2")
+    client = falcon.testing.TestClient(create_app(s))
+    for path in ("//v1/async/stats", "///v1/async/stats", "/v1//async/stats", "/v1/async/stats/",
+                 "/%761/async/stats", "//readyz"):
+        r = client.simulate_get(path, remote_addr="10.1.2.3")
+        assert r.status_code == 401 and r.json["error"]["code"] == "unauthenticated", path
+
+    class Undeclared:  # a resource someone forgot to declare: admin only
+        def on_get(self, req, resp):
+            resp.media = {"secret": True}
+    app = create_app(s)
+    app.add_route("/v1/forgotten", Undeclared())
+    client = falcon.testing.TestClient(app)
+    user = mint_token(s, "alice", ["tasks:read", "tasks:write", "rag:read", "rag:write", "gpu:read"], 60)
+    r = client.simulate_get("/v1/forgotten", headers={"Authorization": f"Bearer {user}"})
+    assert r.status_code == 403 and r.json["error"]["details"]["required"] == "admin"
+    admin = mint_token(s, "root", ["admin"], 60)
+    assert client.simulate_get("/v1/forgotten", headers={"Authorization": f"Bearer {admin}"}).json == {"secret": True}

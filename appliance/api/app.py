@@ -17,7 +17,7 @@ from . import async_api, openai_api, openapi
 from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
-from .middleware import PUBLIC, Audit, Guard
+from .middleware import OPS, PUBLIC, Audit, Guard
 from .ratelimit import RateLimiter, parse_rate_limits
 
 
@@ -33,7 +33,7 @@ class Healthz:
 
 
 class Readyz:
-    auth = PUBLIC  # guarded by OPS_ENDPOINTS instead (loopback or token)
+    auth = OPS  # loopback callers, or a token (OPS_ENDPOINTS)
 
     def __init__(self, api: Api):
         self.api = api

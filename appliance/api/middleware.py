@@ -1,9 +1,12 @@
 """The request guard (authentication, scopes, rate limits, probe access) and the audit trail.
 
-Every resource states what it needs in an `auth` class attribute: PUBLIC, or a
-{method: scope} map. A /v1 resource that states nothing needs `admin`: forgetting the
-declaration fails closed. The guard runs before routing for authentication (so an
-unknown /v1 path tells an anonymous caller nothing) and after routing for the scope.
+Every resource states what it needs in an `auth` class attribute: PUBLIC, OPS (the
+probes: loopback callers, or any valid token, per OPS_ENDPOINTS), or a {method:
+scope} map. A resource that states nothing needs `admin`: forgetting the declaration
+fails closed. The decision is made on the resource the router picked, never on the
+path's spelling (`//v1/...` routes to the same resource as `/v1/...`). Before
+routing, an anonymous call to any /v1 path is refused, so that an unknown /v1 route
+tells an anonymous caller nothing either.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from .ratelimit import RateLimiter
 log = logging.getLogger("appliance.api")
 
 PUBLIC = "public"
-OPS_PATHS = frozenset({"/readyz", "/metrics"})
+OPS = "ops"
 
 
 def _loopback(addr: str | None) -> bool:
@@ -32,10 +35,15 @@ def _loopback(addr: str | None) -> bool:
         return False
 
 
+def _v1(path: str) -> bool:
+    path = "/" + path.lstrip("/")
+    return path == "/v1" or path.startswith("/v1/")
+
+
 def required_scope(resource, method: str) -> str | None:
     """The scope a request needs; None for public resources and unsupported methods."""
     auth = getattr(resource, "auth", None)
-    if auth == PUBLIC:
+    if auth in (PUBLIC, OPS):
         return None
     if auth is None:
         return "admin"
@@ -48,27 +56,35 @@ class Guard:
         self.limiter = limiter
         self.ops_mode = s.ops_endpoints
 
+    def _principal(self, req: falcon.Request):
+        if req.context.principal is None:
+            req.context.principal = self.auth.authenticate(req.get_header("Authorization"))
+        return req.context.principal
+
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.principal = None
-        if req.method == "OPTIONS":  # CORS preflight carries no credentials
-            return
-        path = req.path
-        if path == "/v1" or path.startswith("/v1/"):
-            req.context.principal = self.auth.authenticate(req.get_header("Authorization"))
-        elif path in OPS_PATHS:
-            if self.ops_mode == "open" or (self.ops_mode == "loopback_or_token" and _loopback(req.remote_addr)):
-                return
-            req.context.principal = self.auth.authenticate(req.get_header("Authorization"))
+        if req.method != "OPTIONS" and _v1(req.path):  # CORS preflight carries no credentials
+            req.context.audited = True
+            self._principal(req)
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
-        principal = req.context.principal
         if params and "task_id" in params:
             req.context.audit_ids = [params["task_id"]]
-        if principal is None or resource is None or req.path in OPS_PATHS:
+        if resource is None or req.method == "OPTIONS":
             return
+        auth = getattr(resource, "auth", None)
+        if auth == PUBLIC:
+            return
+        req.context.audited = True
+        if auth == OPS:
+            if self.ops_mode == "open" or (self.ops_mode == "loopback_or_token" and _loopback(req.remote_addr)):
+                return
+            self._principal(req)
+            return
+        principal = self._principal(req)
         scope = required_scope(resource, req.method)
         if scope is None:
-            return
+            return  # a method the resource does not have: Falcon answers 405
         if not principal.allows(scope):
             raise ApiError(403, "insufficient_scope", f"this call needs the `{scope}` scope", {"required": scope},
                            headers={"WWW-Authenticate": f'Bearer realm="appliance", error="insufficient_scope", '
@@ -80,14 +96,14 @@ class Guard:
 
 
 class Audit:
-    """One record per /v1 or probe request, after its response is decided (401s included)."""
+    """One record per guarded request (every /v1 call, the probes), 401s included."""
 
     def __init__(self, log_: AuditLog):
         self.log = log_
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         path = req.path
-        if not (path.startswith("/v1") or path in OPS_PATHS) or req.method == "OPTIONS":
+        if not req.context.get("audited"):
             return
         principal = req.context.get("principal")
         status = resp.status_code

@@ -88,7 +88,7 @@ class Broker:
         self.telemetry.connect(settings.telemetry_endpoint)
 
         self.queue = PriorityQueue(len(P.PRIORITIES), settings.queue_max_size, settings.queue_aging_s)
-        self.journal = SqliteJournal(journal_path or f"{settings.data_dir}/journal.sqlite3")
+        self.journal = SqliteJournal(journal_path or settings.journal_path)
         self.tasks: dict[str, Task] = {}           # live tasks only: queued or running
         self.by_seq: dict[int, str] = {}           # queued tasks, in arrival order
         self.finished: OrderedDict[str, P.TaskRecord] = OrderedDict()  # recent final records
