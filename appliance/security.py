@@ -100,6 +100,15 @@ def check_startup(s: Settings) -> list[str]:
     why = secret_weakness(s.audit_key)
     if why:
         problems.append(f"AUDIT_KEY {why}")
+    for key, endpoint in (("BROKER_FRONT", s.broker_front), ("BROKER_BACK", s.broker_back),
+                          ("BROKER_EVENTS", s.broker_events), ("TELEMETRY_ENDPOINT", s.telemetry_endpoint)):
+        host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0] if endpoint.startswith("tcp://") else None
+        if host is not None and host not in ("127.0.0.1", "localhost", "[::1]"):
+            warnings.append(f"{key}={endpoint}: ZeroMQ sockets carry clinical text unauthenticated and "
+                            "unencrypted; keep them on loopback or ipc:// unless the network is private")
+    if s.llama_host not in ("127.0.0.1", "localhost", "::1"):
+        warnings.append(f"LLAMA_HOST={s.llama_host}: llama.cpp speaks plain HTTP (its key protects access, "
+                        "not the traffic); keep it on loopback unless the network is private")
     if s.log_clinical_text:
         warnings.append("LOG_CLINICAL_TEXT=true: prompts and generated text WILL be written to the logs. "
                         "Logs then hold clinical text; protect and retain them accordingly.")

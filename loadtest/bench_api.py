@@ -143,12 +143,15 @@ def bench_added_latency(app: Appliance, n: int) -> None:
             raise RuntimeError("the queue did not drain")
         time.sleep(1)
     endpoint = idle()[1]["workers"][0]["endpoint"]
+    # llama.cpp wants its launcher's key; the API ignores this header (it reads Authorization)
+    llama_key = (app.home / "var" / "run" / "llama-0.key").read_text().strip()
     body = {"model": "appliance-tiny", "messages": [{"role": "user", "content": "Vitals stable?"}],
             "max_tokens": 8, "temperature": 0}
 
     def timed(url):
+        headers = {"Authorization": f"Bearer {llama_key}"} if url.startswith(endpoint) else None
         w0, t0 = time.time(), time.perf_counter()
-        r = s.post(url, json=body)
+        r = s.post(url, json=body, headers=headers)
         r.raise_for_status()
         return (time.perf_counter() - t0) * 1000, w0, time.time(), r.json()["id"]
 

@@ -33,7 +33,9 @@ def slow(tmp_path_factory):
 
 def llama_slots_busy(app) -> list[bool]:
     endpoint = app.get("/v1/async/stats").json()["workers"][0]["endpoint"]
-    return [s["is_processing"] for s in requests.get(endpoint + "/slots", timeout=5).json()]
+    key = (app.home / "var" / "run" / "llama-0.key").read_text().strip()
+    slots = requests.get(endpoint + "/slots", timeout=5, headers={"Authorization": f"Bearer {key}"}).json()
+    return [s["is_processing"] for s in slots]
 
 
 def state(app, task_id) -> str:

@@ -186,6 +186,25 @@ def test_no_clinical_text_or_secret_in_any_log(app):
             assert needle not in text, f"{needle[:20]!r}... found in {path.name}"
 
 
+def test_llama_cpp_itself_wants_the_launchers_key(app):
+    """No side door: a local process cannot use the model or read /slots (which shows prompts)."""
+    endpoint = app.get("/v1/async/stats").json()["workers"][0]["endpoint"]
+    keyfile = app.home / "var" / "run" / "llama-0.key"
+    assert keyfile.stat().st_mode & 0o077 == 0
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for method, path, body in (("get", "/slots", None), ("post", "/v1/chat/completions", chat)):
+        assert requests.request(method, endpoint + path, json=body, timeout=10).status_code == 401, path
+        wrong = requests.request(method, endpoint + path, json=body, timeout=10, headers=bearer("guess"))
+        assert wrong.status_code == 401, path
+        right = requests.request(method, endpoint + path, json=body, timeout=30,
+                                 headers=bearer(keyfile.read_text().strip()))
+        assert right.status_code == 200, path
+    assert requests.get(endpoint + "/health", timeout=10).status_code == 200
+    key = keyfile.read_text().strip()
+    for path in app.home.glob("var/log/*"):
+        assert key not in path.read_text(errors="replace"), path.name
+
+
 def test_start_up_refuses_a_published_secret(tmp_path):
     home = make_home(tmp_path)
     env = appliance_env(home, JWT_SECRET_KEY=SEED_JWT)

@@ -73,6 +73,9 @@ def test_start_up_refuses_a_missing_audit_key_and_bad_cors_and_rate_limits(tmp_p
     with pytest.raises(ConfigError, match="unknown scope"):
         check_startup(settings(tmp_path, RATE_LIMITS="tasks:delete=1/s:1"))
     assert check_startup(settings(tmp_path)) == []
+    warned = check_startup(settings(tmp_path, BROKER_FRONT="tcp://0.0.0.0:5555", LLAMA_HOST="10.0.0.5"))
+    assert any("BROKER_FRONT=tcp://0.0.0.0:5555" in w for w in warned) and any("LLAMA_HOST" in w for w in warned)
+    assert check_startup(settings(tmp_path, BROKER_FRONT="tcp://127.0.0.1:5555")) == []
 
 
 def test_insecure_dev_mode_starts_but_pins_loopback_and_warns(tmp_path):

@@ -25,7 +25,7 @@ from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
 from .grammar import schema_to_gbnf
-from .server import ServerStartError, start_server
+from .server import ServerStartError, new_api_key, start_server
 from .tinymodel import ensure_tiny_model
 
 log = logging.getLogger("appliance.llama")
@@ -46,9 +46,12 @@ class LlamaClient:
     when it writes to it, so streaming is what lets an abort free the slot at once.
     """
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, api_key: str | None = None):
         u = urlsplit(base_url)
         self.host, self.port = u.hostname, u.port
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._local = threading.local()
         self._lock = threading.Lock()
         self._active: dict[str, http.client.HTTPConnection] = {}
@@ -112,7 +115,7 @@ class LlamaClient:
                     raise Aborted(self._aborted[key])
                 self._active[key] = conn
             try:
-                conn.request("POST", path, payload, {"Content-Type": "application/json"})
+                conn.request("POST", path, payload, self._headers)
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 failure = self._failed(key, exc)
@@ -302,8 +305,8 @@ class Launcher:
         elif not self.s.model_file.is_file():
             raise ServerStartError(f"MODEL_PATH={self.s.model_path} does not exist")
         t0 = time.monotonic()
-        self.server = start_server(self.s, self.index, self.s.model_name)
-        self.client = LlamaClient(self.server.base_url)
+        self.server = start_server(self.s, self.index, self.s.model_name, api_key=new_api_key(self.s, self.index))
+        self.client = LlamaClient(self.server.base_url, self.server.api_key)
         log.info("%s: llama.cpp healthy at %s in %.2fs (model %s, %d slots)", self.name,
                  self.server.base_url, time.monotonic() - t0, self.s.model_name, self.s.llama_slots)
 

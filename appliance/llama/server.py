@@ -10,12 +10,14 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from ..config import Settings
 
@@ -55,12 +57,30 @@ class _Base:
         """Raise if the server process is gone (only meaningful for an external binary)."""
 
 
+def new_api_key(s: Settings, index: int) -> str:
+    """A fresh key for one llama.cpp server's life, also left in RUN_DIR (mode 0600).
+
+    llama.cpp has no users: without a key any local process could use the model or
+    read /slots, which shows the prompts being processed. With it, only the launcher
+    and whoever can read RUN_DIR (the appliance's user: operators, tests, benchmarks)
+    get in. /health stays open, as llama.cpp keeps it.
+    """
+    key = secrets.token_urlsafe(32)
+    path = Path(s.run_dir) / f"llama-{index}.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
 class EmbeddedServer(_Base):
     """llama.cpp's own server compiled into the xllamacpp wheel, on native threads."""
 
-    def __init__(self, s: Settings, port: int, alias: str):
+    def __init__(self, s: Settings, port: int, alias: str, api_key: str | None = None):
         import xllamacpp as xlc
 
+        self.api_key = api_key
         p = xlc.CommonParams()
         p.model.path = str(s.model_file)
         p.hostnames = [s.llama_host]
@@ -77,6 +97,8 @@ class EmbeddedServer(_Base):
         p.endpoint_metrics = True
         p.model_alias = {alias}
         p.warmup = False
+        if api_key:
+            p.api_keys = [api_key]
         try:
             self._server = xlc.Server(p)
         except RuntimeError as exc:  # the reason itself went to stderr (our log file)
@@ -102,14 +124,17 @@ def _die_with_parent() -> None:
 class ExternalServer(_Base):
     """A `llama-server` binary the operator configured (a CUDA build on a GPU box)."""
 
-    def __init__(self, s: Settings, port: int, alias: str):
+    def __init__(self, s: Settings, port: int, alias: str, api_key: str | None = None):
+        self.api_key = api_key
         cmd = [
             s.llama_server_bin, "--model", str(s.model_file), "--host", s.llama_host, "--port", str(port),
             "--ctx-size", str(s.llama_ctx), "--parallel", str(s.llama_slots), "--threads", str(s.llama_threads),
             "--n-gpu-layers", str(s.llama_gpu_layers), "--alias", alias, "--slots", "--metrics", "--embeddings", "--pooling", "mean",
         ]
         try:
-            self._proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+            # the key goes in the environment (owner-only /proc/PID/environ), not argv (world-readable)
+            env = {**os.environ, "LLAMA_API_KEY": api_key} if api_key else None
+            self._proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=env)
         except OSError as exc:
             raise ServerStartError(f"cannot run LLAMA_SERVER_BIN={s.llama_server_bin}: {exc}") from None
         self.base_url = f"http://{s.llama_host}:{port}"
@@ -127,14 +152,14 @@ class ExternalServer(_Base):
                 self._proc.kill()
 
 
-def start_server(s: Settings, index: int, alias: str):
+def start_server(s: Settings, index: int, alias: str, api_key: str | None = None):
     port = s.llama_port_base + index if s.llama_port_base else 0
     if s.llama_server_bin:
         if not os.access(s.llama_server_bin, os.X_OK):
             raise ServerStartError(f"LLAMA_SERVER_BIN={s.llama_server_bin} is not an executable file")
-        server = ExternalServer(s, port or free_port(s.llama_host), alias)
+        server = ExternalServer(s, port or free_port(s.llama_host), alias, api_key)
     else:
-        server = EmbeddedServer(s, port, alias)
+        server = EmbeddedServer(s, port, alias, api_key)
     try:
         server.wait_healthy(s.llama_start_timeout_s)
     except BaseException:
