@@ -7,8 +7,11 @@ and `prev`; and without the key nobody can write a new, consistent chain.
 `appliance audit verify` checks all three and names the line.
 
 Records hold subject, tenant, route, ids, status and outcome: never prompt or result
-text. Several gunicorn workers append to one file: an flock serialises them, and a
-writer re-reads the tail when the file grew under it, so the chain stays one chain.
+text. Several gunicorn workers append to one file: an flock serialises them, and the
+chain's head (seq, hash, and the file size it belongs to) is kept in a small mapped
+side file, so a writer learns where the chain stands without reading the log; only
+when the sizes disagree (a writer died between its line and the head) does it read
+the log's last line.
 Records are written (not fsynced) before the response leaves: they survive a process
 crash, and an OS crash can lose the last few, which `verify` then cannot see (a chain
 proves order and integrity of what is there, not that the tail is complete).
@@ -19,14 +22,16 @@ import datetime as dt
 import fcntl
 import hashlib
 import hmac
+import mmap
 import os
+import struct
 import threading
 from pathlib import Path
 
 import msgspec
 
 GENESIS = "0" * 64
-_TAIL = 65536
+_HEAD = struct.Struct("<QQ32s")  # seq, file size after that record, its hash
 
 
 def _digest(key: bytes, record: dict) -> str:
@@ -44,29 +49,42 @@ class AuditLog:
         self.key = key.encode()
         self._lock = threading.Lock()
         self._pid = -1
-        self._size = -1
-        self._seq = 0
-        self._prev = GENESIS
 
     def _open(self) -> None:
+        # per process: an inherited descriptor would share one flock between processes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        head = os.open(self.path.with_name(self.path.name + ".head"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(head).st_size < _HEAD.size:
+                os.ftruncate(head, _HEAD.size)
+            self._head = mmap.mmap(head, _HEAD.size)
+        finally:
+            os.close(head)
         self._pid = os.getpid()
-        self._size = -1
 
-    def _load_tail(self, size: int) -> None:
+    def _last(self, size: int) -> tuple[int, str]:
+        """(seq, hash) of the record that ends at `size`."""
         if size == 0:
-            self._seq, self._prev = 0, GENESIS
-            return
-        start = max(0, size - _TAIL)
-        tail = os.pread(self._fd, size - start, start)
+            return 0, GENESIS
+        seq, head_size, digest = _HEAD.unpack_from(self._head, 0)
+        if head_size == size:
+            return seq, digest.hex()
+        chunk, start = 4096, size  # the head is stale: read back to the last line's start
+        tail = b""
+        while start > 0:
+            start = max(0, start - chunk)
+            tail = os.pread(self._fd, size - start, start)
+            if tail.rstrip(b"\n").rfind(b"\n") >= 0:
+                break
+            chunk *= 4
         last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
         try:
             rec = msgspec.json.decode(last)
-            self._seq, self._prev = int(rec["seq"]), str(rec["hash"])
+            return int(rec["seq"]), str(rec["hash"])
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             # a damaged last line: chain on from it anyway, `verify` will name it
-            self._seq, self._prev = self._seq + 1, hashlib.sha256(last).hexdigest()
+            return seq + 1, hashlib.sha256(last).hexdigest()
 
     def append(self, **fields) -> dict:
         with self._lock:
@@ -75,13 +93,12 @@ class AuditLog:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 size = os.fstat(self._fd).st_size
-                if size != self._size:  # another worker wrote since our last record
-                    self._load_tail(size)
-                rec = {"seq": self._seq + 1, "time": _now_iso(), **fields, "prev": self._prev}
+                seq, prev = self._last(size)
+                rec = {"seq": seq + 1, "time": _now_iso(), **fields, "prev": prev}
                 rec["hash"] = _digest(self.key, rec)
                 line = msgspec.json.encode(rec) + b"\n"
                 os.write(self._fd, line)
-                self._seq, self._prev, self._size = rec["seq"], rec["hash"], size + len(line)
+                _HEAD.pack_into(self._head, 0, rec["seq"], size + len(line), bytes.fromhex(rec["hash"]))
                 return rec
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -284,6 +284,17 @@ def test_audit_chain_stays_one_chain_with_concurrent_writers(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_audit_chain_survives_a_stale_head(tmp_path):
+    """A writer that died between its line and the head update: the next one reads the log."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "k" * 32)
+    log.append(subject="a", ids=[f"{i:032x}" for i in range(300)])  # a long line (a batch): > 4 KiB
+    (tmp_path / "audit.jsonl.head").write_bytes(b"\0" * 48)  # as if never updated
+    fresh = AuditLog(path, "k" * 32)
+    assert fresh.append(subject="b")["seq"] == 2
+    assert verify(path, "k" * 32) == (2, [])
+
+
 def test_audit_verify_names_changed_removed_and_reordered_lines(tmp_path):
     path = tmp_path / "audit.jsonl"
     _append_many(path, "k" * 32, 10, "alice")
