@@ -39,4 +39,4 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python loadtest/bench_broker.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info native/*.c appliance/broker/_pqueue*.so
+	rm -rf $(VENV) build *.egg-info native/*.c appliance/broker/_pqueue*.so appliance/_shm*.so

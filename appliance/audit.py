@@ -7,11 +7,12 @@ and `prev`; and without the key nobody can write a new, consistent chain.
 `appliance audit verify` checks all three and names the line.
 
 Records hold subject, tenant, route, ids, status and outcome: never prompt or result
-text. Several gunicorn workers append to one file: an flock serialises them, and the
-chain's head (seq, hash, and the file size it belongs to) is kept in a small mapped
-side file, so a writer learns where the chain stands without reading the log; only
-when the sizes disagree (a writer died between its line and the head) does it read
-the log's last line.
+text. Several gunicorn workers append to one file. The chain's head (seq, hash, and
+the file size it belongs to) and a lock word live in a small mapped side file
+(`audit.jsonl.head`): a writer takes the lock (native/shm.pyx; never flock, whose GIL
+round trip made a convoy under load), learns where the chain stands without reading
+the log, appends, and moves the head. Only when the sizes disagree (a writer died
+between its line and the head) does it read the log's last line.
 Records are written (not fsynced) before the response leaves: they survive a process
 crash, and an OS crash can lose the last few, which `verify` then cannot see (a chain
 proves order and integrity of what is there, not that the tail is complete).
@@ -19,7 +20,6 @@ proves order and integrity of what is there, not that the tail is complete).
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import hmac
 import mmap
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import msgspec
 
+from ._shm import SpinLock, write_all
+
 GENESIS = "0" * 64
-_HEAD = struct.Struct("<QQ32s")  # seq, file size after that record, its hash
+_HEAD = struct.Struct("<8xQQ32s")  # lock word (+pad), seq, file size after that record, its hash
 
 
 def _digest(key: bytes, record: dict) -> str:
@@ -51,7 +53,6 @@ class AuditLog:
         self._pid = -1
 
     def _open(self) -> None:
-        # per process: an inherited descriptor would share one flock between processes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         head = os.open(self.path.with_name(self.path.name + ".head"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -61,6 +62,7 @@ class AuditLog:
             self._head = mmap.mmap(head, _HEAD.size)
         finally:
             os.close(head)
+        self._shared = SpinLock(self._head, 0)
         self._pid = os.getpid()
 
     def _last(self, size: int) -> tuple[int, str]:
@@ -90,18 +92,19 @@ class AuditLog:
         with self._lock:
             if self._pid != os.getpid():
                 self._open()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            stamp = _now_iso()
+            self._shared.acquire()
             try:
                 size = os.fstat(self._fd).st_size
                 seq, prev = self._last(size)
-                rec = {"seq": seq + 1, "time": _now_iso(), **fields, "prev": prev}
+                rec = {"seq": seq + 1, "time": stamp, **fields, "prev": prev}
                 rec["hash"] = _digest(self.key, rec)
                 line = msgspec.json.encode(rec) + b"\n"
-                os.write(self._fd, line)
+                write_all(self._fd, line)
                 _HEAD.pack_into(self._head, 0, rec["seq"], size + len(line), bytes.fromhex(rec["hash"]))
                 return rec
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._shared.release()
 
 
 def verify(path: str | Path, key: str) -> tuple[int, list[str]]:

@@ -254,6 +254,27 @@ def test_token_bucket_refills_at_its_rate(tmp_path):
     assert limiter.take("a", "admin", now=t) == 0.0  # no rule, no limit
 
 
+def test_a_lock_held_by_a_dead_worker_is_taken_over(tmp_path):
+    """A worker killed inside its critical section must not wedge the others."""
+    import mmap
+
+    from appliance._shm import SpinLock
+
+    buf = mmap.mmap(-1, 64)
+    lock = SpinLock(buf, 0)
+    pid = os.fork()
+    if pid == 0:  # the child takes the lock and dies holding it
+        SpinLock(buf, 0).acquire()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert lock.owner == pid
+    t0 = time.monotonic()
+    lock.acquire()
+    assert lock.owner == os.getpid() and time.monotonic() - t0 < 1.0
+    lock.release()
+    assert lock.owner == 0
+
+
 def test_full_table_evicts_the_least_recently_used(tmp_path):
     limiter = RateLimiter(tmp_path / "rl.bin", parse_rate_limits("tasks:read=1/h:1"))
     for i in range(20_000):  # more subjects than slots: still an answer for each, never an error

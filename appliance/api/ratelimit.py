@@ -1,19 +1,16 @@
 """Token buckets per (subject, scope), shared by every gunicorn worker.
 
-Why a shared file mapping: a limit kept per worker would let a client multiply its
-rate by the worker count (and the kernel picks the worker). The buckets live in a
-small file under RUN_DIR that each worker maps; an flock serialises the few
-microseconds of arithmetic. flock, unlike a semaphore, is released by the kernel if a
-worker dies holding it, so one crashed worker cannot wedge the others.
+Why shared: a limit kept per worker would let a client multiply its rate by the
+worker count (and the kernel picks the worker). The buckets live in a small file
+under RUN_DIR that each worker maps; the table and its lock are native
+(native/shm.pyx: a compare-and-swap lock word, taken without releasing the GIL).
 
-Layout: a header (magic, slot count) and then SLOTS slots of (key u64, tokens f64,
-stamp f64). The key is an 8-byte BLAKE2b of subject and scope; probing is linear over
-PROBE slots, and a full window evicts its least recently used slot (an evicted
-subject comes back with a full bucket, which is what it would have after idling).
+Layout: the lock word (8 bytes with padding), magic, slot count, padding to HEADER,
+then SLOTS slots of (key u64, tokens f64, stamp f64). The key is an 8-byte BLAKE2b of
+scope and subject.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import mmap
 import os
@@ -23,14 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+from .._shm import BucketTable
 from ..config import ConfigError
 
-MAGIC = b"APRL0001"
+MAGIC = b"APRL0002"
 SLOTS = 8192
-PROBE = 16
-_HEADER = struct.Struct("<8sQ")
-_SLOT = struct.Struct("<Qdd")
-SIZE = _HEADER.size + SLOTS * _SLOT.size
+HEADER = 64
+_MAGIC_AT = struct.Struct("<8x8sQ")  # after the lock word
+SIZE = HEADER + SLOTS * 24
 
 _RULE = re.compile(r"^\s*([a-z:]+)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*:\s*(\d+)\s*$")
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -59,7 +56,7 @@ def prepare(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, SLOTS))
+        f.write(_MAGIC_AT.pack(MAGIC, SLOTS))
         f.truncate(SIZE)
     os.replace(tmp, path)
 
@@ -69,19 +66,31 @@ class RateLimiter:
         self.path = path
         self.limits = limits
         self._pid = -1
-        self._lock = threading.Lock()
+        self._keys: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()  # the shared lock is for processes; threads queue here
 
     def _open(self) -> None:
-        # per process: an inherited descriptor would share one flock between processes
         if not self.path.exists():
             prepare(self.path)
         fd = os.open(self.path, os.O_RDWR)
-        self._fd = fd
-        self._map = mmap.mmap(fd, SIZE)
-        magic, slots = _HEADER.unpack_from(self._map, 0)
+        try:
+            self._map = mmap.mmap(fd, SIZE)
+        finally:
+            os.close(fd)
+        magic, slots = _MAGIC_AT.unpack_from(self._map, 0)
         if magic != MAGIC or slots != SLOTS:
             raise RuntimeError(f"{self.path} is not a rate-limit table of this version")
+        self._table = BucketTable(self._map, HEADER, SLOTS)
         self._pid = os.getpid()
+
+    def _key(self, subject: str, scope: str) -> int:
+        key = self._keys.get((subject, scope))
+        if key is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            digest = hashlib.blake2b(f"{scope}\0{subject}".encode(), digest_size=8).digest()
+            key = self._keys[(subject, scope)] = int.from_bytes(digest, "little")
+        return key
 
     def take(self, subject: str, scope: str, now: float | None = None) -> float:
         """Take one token; 0.0 when allowed, else the seconds until one is available."""
@@ -89,33 +98,8 @@ class RateLimiter:
         if limit is None:
             return 0.0
         rate, burst = limit
-        key = int.from_bytes(hashlib.blake2b(f"{scope}\0{subject}".encode(), digest_size=8).digest(), "little") or 1
+        key = self._key(subject, scope)
         with self._lock:
             if self._pid != os.getpid():
                 self._open()
-            now = time.monotonic() if now is None else now
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            try:
-                return self._take(key, rate, burst, now)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def _take(self, key: int, rate: float, burst: int, now: float) -> float:
-        m = self._map
-        start = key % SLOTS
-        victim, victim_stamp = -1, float("inf")
-        for i in range(PROBE):
-            off = _HEADER.size + ((start + i) % SLOTS) * _SLOT.size
-            k, tokens, stamp = _SLOT.unpack_from(m, off)
-            if k == key:
-                tokens = min(float(burst), tokens + max(0.0, now - stamp) * rate)
-                break
-            if k == 0 or stamp < victim_stamp:
-                victim, victim_stamp = off, (-1.0 if k == 0 else stamp)
-        else:
-            off, tokens = victim, float(burst)
-        if tokens >= 1.0:
-            _SLOT.pack_into(m, off, key, tokens - 1.0, now)
-            return 0.0
-        _SLOT.pack_into(m, off, key, tokens, now)
-        return (1.0 - tokens) / rate
+            return self._table.take(key, rate, burst, time.monotonic() if now is None else now)
