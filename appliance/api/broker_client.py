@@ -103,10 +103,16 @@ class BrokerClient:
                 time.sleep(0.02)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 raise BrokerUnavailable(f"the broker did not answer within {limit:g}s")
+            # a blocking recv with a timeout: one call into libzmq, no Poller per request
+            sock.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))
             try:
-                reply = P.front_reply.decode(sock.recv())
+                raw = sock.recv()
+            except zmq.Again:
+                raise BrokerUnavailable(f"the broker did not answer within {limit:g}s") from None
+            try:
+                reply = P.front_reply.decode(raw)
             except Exception:
                 log.warning("undecodable broker reply dropped")
                 continue
