@@ -70,16 +70,41 @@ class Appliance:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+def cpu_by_program(session: int) -> dict[str, float]:
+    """CPU seconds used so far by the appliance's processes (supervisord's session), by program."""
+    tick = os.sysconf("SC_CLK_TCK")
+    use: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            cmd = open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            continue
+        if int(stat[3]) != session:
+            continue
+        name = next((p for p in ("api", "broker", "llama", "gpumon") if f"procs.{p}" in cmd), "supervisord")
+        use[name] = use.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return use
+
+
 def locust(app: Appliance, user: str, users: int, seconds: int, out: Path) -> dict[str, dict]:
+    """Run one locust phase; rows by request name, plus "_cpu": CPU microseconds per request."""
     prefix = out / user
     url = app.url
+    before, t0 = cpu_by_program(app.proc.pid), os.times()
     subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
                     "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix),
                     "--only-summary", "--loglevel", "ERROR", user],
                    check=False, capture_output=True, timeout=seconds + 120,
                    env={**os.environ, "APPLIANCE_TOKEN": app.token})
+    after, t1 = cpu_by_program(app.proc.pid), os.times()
     with open(f"{prefix}_stats.csv") as f:
-        return {row["Name"]: row for row in csv.DictReader(f)}
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    n = max(1, int(rows["Aggregated"]["Request Count"]))
+    cpu = {k: 1e6 * (after[k] - before.get(k, 0.0)) / n for k in after}
+    cpu["locust"] = 1e6 * (t1.children_user + t1.children_system - t0.children_user - t0.children_system) / n
+    rows["_cpu"] = cpu
+    return rows
 
 
 def watch_depth(app: Appliance, stop: threading.Event, samples: list[int]) -> None:
@@ -96,7 +121,8 @@ def watch_depth(app: Appliance, stop: threading.Event, samples: list[int]) -> No
 
 def bench_locust(app: Appliance, users: int, seconds: int) -> None:
     out = Path(tempfile.mkdtemp(prefix="locust-"))
-    ceiling = locust(app, "Healthz", users, seconds, out)["healthz"]
+    ceiling_rows = locust(app, "Healthz", users, seconds, out)
+    ceiling = ceiling_rows["healthz"]
     depth: list[int] = []
     stop = threading.Event()
     t = threading.Thread(target=watch_depth, args=(app, stop, depth))
@@ -105,7 +131,8 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
     stop.set()
     t.join()
     # last: it leaves a backlog that the model drains long after the phase ends
-    submit_only = locust(app, "SubmitOnly", users, seconds, out)["submit"]
+    submit_rows = locust(app, "SubmitOnly", users, seconds, out)
+    submit_only = submit_rows["submit"]
     sub, st, res = full["submit"], full["status"], full["result"]
     n_sub = int(sub["Request Count"])
     ok = int(res["Request Count"]) - int(res["Failure Count"])
@@ -116,6 +143,12 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
         print(f"{name:34}{f(row['Requests/s']):>12,.0f}{row['50%']:>8}{row['95%']:>8}{row['99%']:>8}"
               f"{row['Failure Count']:>10}")
     print(f"submit throughput / ceiling: {f(submit_only['Requests/s']) / f(ceiling['Requests/s']):.0%}")
+    print("CPU per request, microseconds (all phases share the same 2 cores):")
+    progs = ("api", "broker", "llama", "supervisord", "locust")
+    print(f"{'':34}" + "".join(f"{p:>12}" for p in progs) + f"{'total':>10}")
+    for name, rows in (("ceiling: GET /healthz", ceiling_rows), ("POST submit alone", submit_rows)):
+        c = rows["_cpu"]
+        print(f"{name:34}" + "".join(f"{c.get(p, 0):>12,.0f}" for p in progs) + f"{sum(c.values()):>10,.0f}")
     print(f"\nsubmit + poll status + result (the system description's test), {users} users:")
     print(f"  Duration:          {seconds} s")
     print(f"  Tasks submitted:   {n_sub}")
