@@ -33,7 +33,8 @@ import msgspec
 from ._shm import SpinLock, write_all
 
 GENESIS = "0" * 64
-_HEAD = struct.Struct("<8xQQ32s")  # lock word (+pad), seq, file size after that record, its hash
+_LOCK_AT, _HEAD_AT = 0, 8  # the side file: lock word (+pad), then the head
+_HEAD = struct.Struct("<QQ32s")  # seq, file size after that record, its hash
 
 
 def _digest(key: bytes, record: dict) -> str:
@@ -57,19 +58,19 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         head = os.open(self.path.with_name(self.path.name + ".head"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(head).st_size < _HEAD.size:
-                os.ftruncate(head, _HEAD.size)
-            self._head = mmap.mmap(head, _HEAD.size)
+            if os.fstat(head).st_size < _HEAD_AT + _HEAD.size:
+                os.ftruncate(head, _HEAD_AT + _HEAD.size)
+            self._head = mmap.mmap(head, _HEAD_AT + _HEAD.size)
         finally:
             os.close(head)
-        self._shared = SpinLock(self._head, 0)
+        self._shared = SpinLock(self._head, _LOCK_AT)
         self._pid = os.getpid()
 
     def _last(self, size: int) -> tuple[int, str]:
         """(seq, hash) of the record that ends at `size`."""
         if size == 0:
             return 0, GENESIS
-        seq, head_size, digest = _HEAD.unpack_from(self._head, 0)
+        seq, head_size, digest = _HEAD.unpack_from(self._head, _HEAD_AT)
         if head_size == size:
             return seq, digest.hex()
         chunk, start = 4096, size  # the head is stale: read back to the last line's start
@@ -101,7 +102,7 @@ class AuditLog:
                 rec["hash"] = _digest(self.key, rec)
                 line = msgspec.json.encode(rec) + b"\n"
                 write_all(self._fd, line)
-                _HEAD.pack_into(self._head, 0, rec["seq"], size + len(line), bytes.fromhex(rec["hash"]))
+                _HEAD.pack_into(self._head, _HEAD_AT, rec["seq"], size + len(line), bytes.fromhex(rec["hash"]))
                 return rec
             finally:
                 self._shared.release()

@@ -69,18 +69,19 @@ class Guard:
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
         if params and "task_id" in params:
-            req.context.audit_ids = [params["task_id"]]
+            req.context.audit_ids = [params["task_id"][:64]]  # whatever the client sent, bounded
         if resource is None or req.method == "OPTIONS":
             return
         auth = getattr(resource, "auth", None)
         if auth == PUBLIC:
             return
-        req.context.audited = True
         if auth == OPS:
             if self.ops_mode == "open" or (self.ops_mode == "loopback_or_token" and _loopback(req.remote_addr)):
-                return
+                return  # the local monitor's probes: no audit record every few seconds
+            req.context.audited = True
             self._principal(req)
             return
+        req.context.audited = True
         principal = self._principal(req)
         scope = required_scope(resource, req.method)
         if scope is None:
@@ -96,7 +97,7 @@ class Guard:
 
 
 class Audit:
-    """One record per guarded request (every /v1 call, the probes), 401s included."""
+    """One record per guarded request (every /v1 call, probes from afar), 401s included."""
 
     def __init__(self, log_: AuditLog):
         self.log = log_

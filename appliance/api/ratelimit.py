@@ -26,7 +26,8 @@ from ..config import ConfigError
 MAGIC = b"APRL0002"
 SLOTS = 8192
 HEADER = 64
-_MAGIC_AT = struct.Struct("<8x8sQ")  # after the lock word
+_MAGIC = struct.Struct("<8sQ")  # at offset 8, after the lock word (never written over: packing
+                               # padding bytes would zero the lock under its holder)
 SIZE = HEADER + SLOTS * 24
 
 _RULE = re.compile(r"^\s*([a-z:]+)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*:\s*(\d+)\s*$")
@@ -56,7 +57,7 @@ def prepare(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(_MAGIC_AT.pack(MAGIC, SLOTS))
+        f.write(bytes(8) + _MAGIC.pack(MAGIC, SLOTS))
         f.truncate(SIZE)
     os.replace(tmp, path)
 
@@ -77,7 +78,7 @@ class RateLimiter:
             self._map = mmap.mmap(fd, SIZE)
         finally:
             os.close(fd)
-        magic, slots = _MAGIC_AT.unpack_from(self._map, 0)
+        magic, slots = _MAGIC.unpack_from(self._map, 8)
         if magic != MAGIC or slots != SLOTS:
             raise RuntimeError(f"{self.path} is not a rate-limit table of this version")
         self._table = BucketTable(self._map, HEADER, SLOTS)
