@@ -12,8 +12,12 @@ The lock word holds the owner's pid. A waiter spins briefly, then sleeps (releas
 its GIL); a holder that died (the pid is gone) or kept it beyond
 STALE_NS is assumed dead and the lock is taken over, so a worker killed at the wrong
 instant cannot wedge the others. Threads of one process must also hold a
-threading.Lock around acquire/release (ShmLock in Python does), since a thread
-preempted inside its critical section would otherwise be spun on by its own siblings.
+threading.Lock around acquire/release (AuditLog and RateLimiter do): a thread
+preempted inside a Python critical section would otherwise be spun on by its own
+siblings.
+
+Keep the lock word's bytes out of every struct packed into the same buffer: packing
+writes padding bytes too, and zeroing the word under its holder opens the lock.
 """
 from libc.errno cimport errno, ESRCH, EINTR
 from libc.stdint cimport int32_t, uint64_t
