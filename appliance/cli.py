@@ -39,6 +39,9 @@ def _tool(name: str) -> str:
 
 
 def cmd_up(args) -> None:
+    # var/ holds clinical data and metadata (journal, logs, audit log, keys, sockets):
+    # owner only. supervisord applies its own `umask` setting only when it daemonizes.
+    os.umask(0o077)
     s = load_settings()
     for warning in security.check_startup(s):  # refuse here, before any process starts
         print(f"appliance: WARNING: {warning}", file=sys.stderr, flush=True)
@@ -47,9 +50,6 @@ def cmd_up(args) -> None:
     env = _env_with_venv()
     env["APPLIANCE_HOME"] = str(s.home)
     print(f"appliance: starting supervisord ({conf}); API on http://{s.api_host}:{s.api_port}", flush=True)
-    # logs, journal, audit log and sockets hold clinical data or metadata: owner only
-    # (supervisord applies its own `umask` setting only when it daemonizes; we run it with -n)
-    os.umask(0o077)
     supervisord = _tool("supervisord")
     os.execve(supervisord, [supervisord, "-n", "-c", str(conf)], env)
 

@@ -22,7 +22,7 @@ UNKNOWN = "0" * 32
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     env = {"RATE_LIMITS": "tasks:write=1/h:6,tasks:read=1000/s:2000", "MAX_PROMPT_CHARS": "2000",
-           "MAX_BATCH": "4"}
+           "MAX_BATCH": "4", "LOG_LEVEL": "DEBUG"}  # DEBUG: "no clinical text at any level"
     with running_appliance(tmp_path_factory, **env) as a:
         yield a
 
@@ -177,9 +177,10 @@ def test_no_clinical_text_or_secret_in_any_log(app):
     s = app.settings()
     logs = [p for p in (app.home / "var" / "log").iterdir() if p.is_file()] + [app.home / "appliance-up.out"]
     assert {"audit.jsonl", "api.log", "broker.log"} <= {p.name for p in logs}, logs
-    private = logs[:-1] + list((app.home / "var" / "data").glob("journal*"))  # not the test's own file
+    var = app.home / "var"
+    private = logs[:-1] + list((var / "data").glob("journal*")) + [var, var / "log", var / "data", var / "run"]
     for path in private:  # written under supervisord's umask 077: owner only
-        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is readable by others"
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is open to others"
     for path in logs:
         text = path.read_text(errors="replace")
         for needle in (PROMPT, "Jane Roe", "MRN 4471", generated, s.jwt_secret_key, s.audit_key, app.token):
