@@ -167,6 +167,14 @@ def test_audit_log_records_who_did_what_and_verifies(app):
     out = subprocess.run([str(BIN / "appliance"), "audit", "verify"], env=app.env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "chain intact" in out.stdout, out.stdout + out.stderr
+    # someone edits the served log's copy: eve's 404 becomes a 200
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if '"subject":"eve"' in line)
+    tampered = app.home / "tampered.jsonl"
+    tampered.write_text("".join(lines[:at] + [lines[at].replace('"status":404', '"status":200')] + lines[at + 1:]))
+    out = subprocess.run([str(BIN / "appliance"), "audit", "verify", "--file", str(tampered)], env=app.env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"line {at + 1} " in out.stdout and "content changed" in out.stdout
 
 
 def test_no_clinical_text_or_secret_in_any_log(app):
