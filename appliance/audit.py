@@ -19,13 +19,13 @@ proves order and integrity of what is there, not that the tail is complete).
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import mmap
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -37,13 +37,23 @@ _LOCK_AT, _HEAD_AT = 0, 8  # the side file: lock word (+pad), then the head
 _HEAD = struct.Struct("<QQ32s")  # seq, file size after that record, its hash
 
 
-def _digest(key: bytes, record: dict) -> str:
+def _digest(key: bytes, record: dict) -> bytes:
+    """HMAC of the record's canonical JSON (sorted keys), `hash` itself left out."""
     body = msgspec.json.encode({k: v for k, v in record.items() if k != "hash"}, order="sorted")
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac.digest(key, body, "sha256")
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """UTC, microseconds, `Z`: the date part is formatted once a second (it showed in profiles)."""
+    global _second
+    t = time.time()
+    whole = int(t)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((t - whole) * 1e6):06d}Z"
 
 
 class AuditLog:
@@ -99,10 +109,12 @@ class AuditLog:
                 size = os.fstat(self._fd).st_size
                 seq, prev = self._last(size)
                 rec = {"seq": seq + 1, "time": stamp, **fields, "prev": prev}
-                rec["hash"] = _digest(self.key, rec)
-                line = msgspec.json.encode(rec) + b"\n"
+                body = msgspec.json.encode(rec, order="sorted")  # canonical: what the HMAC covers
+                digest = hmac.digest(self.key, body, "sha256")
+                rec["hash"] = digest.hex()
+                line = b"%s,\"hash\":\"%s\"}\n" % (body[:-1], rec["hash"].encode())
                 write_all(self._fd, line)
-                _HEAD.pack_into(self._head, _HEAD_AT, rec["seq"], size + len(line), bytes.fromhex(rec["hash"]))
+                _HEAD.pack_into(self._head, _HEAD_AT, rec["seq"], size + len(line), digest)
                 return rec
             finally:
                 self._shared.release()
@@ -121,7 +133,7 @@ def verify(path: str | Path, key: str) -> tuple[int, list[str]]:
                 problems.append(f"line {n}: not an audit record (damaged or inserted)")
                 prev_hash, prev_seq = hashlib.sha256(raw).hexdigest(), prev_seq + 1
                 continue
-            if not hmac.compare_digest(_digest(key.encode(), rec), str(stored)):
+            if not hmac.compare_digest(_digest(key.encode(), rec).hex(), str(stored)):
                 problems.append(f"line {n} (seq {seq}): content changed (hash does not match)")
             if seq != prev_seq + 1 or prev != prev_hash:
                 if seq <= prev_seq:
