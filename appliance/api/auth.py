@@ -76,7 +76,7 @@ class Authenticator:
             principal, exp = hit
             if time.time() < exp + self.leeway:
                 return principal
-            del self._cache[token]
+            self._cache.pop(token, None)  # two threads may find it expired at once
         principal, exp = self._verify(token)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
