@@ -37,10 +37,10 @@ _LOCK_AT, _HEAD_AT = 0, 8  # the side file: lock word (+pad), then the head
 _HEAD = struct.Struct("<QQ32s")  # seq, file size after that record, its hash
 
 
-def _digest(key: bytes, record: dict) -> bytes:
-    """HMAC of the record's canonical JSON (sorted keys), `hash` itself left out."""
+def _sign(key: bytes, record: dict) -> tuple[bytes, bytes]:
+    """(canonical JSON, HMAC): sorted keys, `hash` itself left out. Writer and verifier share it."""
     body = msgspec.json.encode({k: v for k, v in record.items() if k != "hash"}, order="sorted")
-    return hmac.digest(key, body, "sha256")
+    return body, hmac.digest(key, body, "sha256")
 
 
 _second: tuple[int, str] = (-1, "")
@@ -109,8 +109,7 @@ class AuditLog:
                 size = os.fstat(self._fd).st_size
                 seq, prev = self._last(size)
                 rec = {"seq": seq + 1, "time": stamp, **fields, "prev": prev}
-                body = msgspec.json.encode(rec, order="sorted")  # canonical: what the HMAC covers
-                digest = hmac.digest(self.key, body, "sha256")
+                body, digest = _sign(self.key, rec)
                 rec["hash"] = digest.hex()
                 line = b"%s,\"hash\":\"%s\"}\n" % (body[:-1], rec["hash"].encode())
                 write_all(self._fd, line)
@@ -133,7 +132,7 @@ def verify(path: str | Path, key: str) -> tuple[int, list[str]]:
                 problems.append(f"line {n}: not an audit record (damaged or inserted)")
                 prev_hash, prev_seq = hashlib.sha256(raw).hexdigest(), prev_seq + 1
                 continue
-            if not hmac.compare_digest(_digest(key.encode(), rec).hex(), str(stored)):
+            if not hmac.compare_digest(_sign(key.encode(), rec)[1].hex(), str(stored)):
                 problems.append(f"line {n} (seq {seq}): content changed (hash does not match)")
             if seq != prev_seq + 1 or prev != prev_hash:
                 if seq <= prev_seq:

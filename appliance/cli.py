@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import security
-from .config import SECRET_KEYS, ConfigError, ensure_dirs, load_settings
+from .config import SECRET_KEYS, ConfigError, ensure_dirs, home_dir, load_settings
 
 
 def _conf(home: Path) -> Path:
@@ -87,8 +87,7 @@ def cmd_config(args) -> None:
 
 
 def cmd_init(args) -> None:
-    home = Path(os.environ.get("APPLIANCE_HOME") or os.getcwd()).resolve()
-    path, written = security.init_env(home, rotate=args.rotate)
+    path, written = security.init_env(home_dir(), rotate=args.rotate)
     if written:
         print(f"appliance: wrote {', '.join(written)} to {path} (mode 0600); values are not shown")
     else:

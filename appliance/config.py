@@ -118,24 +118,44 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
 SECRET_KEYS = frozenset({"JWT_SECRET_KEY", "AUDIT_KEY"})
 
 
+def dotenv_line(line: str) -> tuple[str, str] | None:
+    """(key, value) of one .env line; None for a blank line or a comment.
+
+    The one reading of the syntax (`export ` prefix, surrounding quotes), for the
+    settings and for `appliance init`, which rewrites the file line by line.
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    if line.startswith("export "):
+        line = line[len("export ") :]
+    key, sep, value = line.partition("=")
+    if not sep:
+        raise ValueError("expected KEY=VALUE")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.strip(), value
+
+
 def _read_dotenv(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
     for n, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :]
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ConfigError(f"{path}:{n}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key.strip()] = value
+        try:
+            kv = dotenv_line(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{n}: {exc}") from None
+        if kv is not None:
+            values[kv[0]] = kv[1]
     return values
+
+
+def home_dir(environ: dict[str, str] | None = None) -> Path:
+    """APPLIANCE_HOME, or the current directory."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("APPLIANCE_HOME") or os.getcwd()).resolve()
 
 
 _FIELDS = {name.upper() for name in Settings.__struct_fields__}
@@ -143,7 +163,7 @@ _FIELDS = {name.upper() for name in Settings.__struct_fields__}
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
-    home = Path(env.get("APPLIANCE_HOME") or os.getcwd()).resolve()
+    home = home_dir(env)
     raw = _read_dotenv(home / ".env")
     raw.update({k: v for k, v in env.items() if k in _FIELDS})
     raw["APPLIANCE_HOME"] = str(home)

@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, dotenv_line
 
 log = logging.getLogger("appliance.security")
 
@@ -182,13 +182,10 @@ def init_env(home: Path, rotate: bool = False) -> tuple[Path, list[str]]:
     wanted = {"JWT_SECRET_KEY": lambda: secrets.token_urlsafe(48), "AUDIT_KEY": lambda: secrets.token_urlsafe(48)}
 
     def key_value(line: str) -> tuple[str, str]:
-        if "=" not in line or line.lstrip().startswith("#"):
+        try:
+            return dotenv_line(line) or ("", "")
+        except ValueError:  # a broken line is kept as it is; load_settings names it
             return "", ""
-        k, v = line.split("=", 1)
-        v = v.strip()
-        if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-            v = v[1:-1]
-        return k.strip().removeprefix("export ").strip(), v
 
     # a secret that start-up would refuse is replaced: no token signed with it can be trusted
     drop = set(wanted) if rotate else {k for k, v in map(key_value, lines) if k in wanted and secret_weakness(v)}

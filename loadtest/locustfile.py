@@ -23,17 +23,23 @@ CHAT = {"type": "chat", "messages": [{"role": "user", "content": "Summarise: vit
 FINAL = {"completed", "failed", "cancelled", "expired"}
 
 
+def submit(client) -> str | None:
+    """Submit the small chat task; its id, or None (counted as a failure)."""
+    with client.post("/v1/async/submit", json=CHAT, headers=AUTH, name="submit", catch_response=True) as r:
+        if r.status_code != 202:
+            r.failure(f"submit answered {r.status_code}")
+            return None
+        return r.json()["task_id"]
+
+
 class SubmitAndPoll(FastHttpUser):
     wait_time = constant(0)
 
     @task
     def submit_and_poll(self):
-        with self.client.post("/v1/async/submit", json=CHAT, headers=AUTH, name="submit",
-                              catch_response=True) as r:
-            if r.status_code != 202:
-                r.failure(f"submit answered {r.status_code}")
-                return
-            task_id = r.json()["task_id"]
+        task_id = submit(self.client)
+        if task_id is None:
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with self.client.get(f"/v1/async/status/{task_id}", headers=AUTH, name="status",
@@ -55,11 +61,8 @@ class SubmitOnly(FastHttpUser):
     wait_time = constant(0)
 
     @task
-    def submit(self):
-        with self.client.post("/v1/async/submit", json=CHAT, headers=AUTH, name="submit",
-                              catch_response=True) as r:
-            if r.status_code != 202:
-                r.failure(f"submit answered {r.status_code}")
+    def submit_only(self):
+        submit(self.client)
 
 
 class Healthz(FastHttpUser):

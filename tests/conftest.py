@@ -54,15 +54,19 @@ class Appliance:
         self.port = int(env["API_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._settings = None
 
     @functools.cached_property
     def token(self) -> str:
         return self.mint("tester", *USER_SCOPES)
 
     def settings(self):
-        from appliance.config import load_settings
+        """The appliance's settings (its env and .env do not change once it is made)."""
+        if self._settings is None:
+            from appliance.config import load_settings
 
-        return load_settings(self.env)
+            self._settings = load_settings(self.env)
+        return self._settings
 
     def mint(self, sub: str, *scopes: str, ttl_s: int = 3600) -> str:
         from appliance.security import mint_token
