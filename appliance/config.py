@@ -35,7 +35,7 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     api_host: str = "127.0.0.1"
     api_port: Port = 8000
     api_workers: Annotated[int, Meta(ge=1, le=64)] = 2
-    api_threads: Annotated[int, Meta(ge=1, le=256)] = 8
+    api_connections: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1_048_576
     broker_timeout_s: Annotated[float, Meta(gt=0)] = 1.0
 

@@ -1,10 +1,21 @@
-"""supervisord program `api`: the Falcon app under gunicorn (gthread workers)."""
-from gunicorn.app.base import BaseApplication
+"""supervisord program `api`: the Falcon app under gunicorn (gevent workers).
 
-from appliance import logs, security
-from appliance.api.app import create_app, rate_limit_file
-from appliance.api.ratelimit import prepare
-from appliance.config import load_settings
+Why gevent: a request that waits on the broker (an OpenAI call for its whole
+answer, an SSE stream for minutes) parks a greenlet, not one of a few threads, so
+long requests cannot starve /healthz; and a greenlet switch is cheaper than the
+thread hand-offs of gthread (measured: ~250 us less per request, README).
+The patch comes first, before any import that could take a lock or a socket.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+from gunicorn.app.base import BaseApplication  # noqa: E402
+
+from appliance import logs, security  # noqa: E402
+from appliance.api.app import create_app, rate_limit_file  # noqa: E402
+from appliance.api.ratelimit import prepare  # noqa: E402
+from appliance.config import load_settings  # noqa: E402
 
 
 class ApiServer(BaseApplication):
@@ -17,8 +28,8 @@ class ApiServer(BaseApplication):
         for key, value in {
             "bind": f"{s.api_host}:{s.api_port}",
             "workers": s.api_workers,
-            "worker_class": "gthread",
-            "threads": s.api_threads,
+            "worker_class": "gevent",
+            "worker_connections": s.api_connections,
             "timeout": 60,
             "graceful_timeout": 10,
             "keepalive": 5,

@@ -6,6 +6,7 @@ and see llama.cpp's slot freed in its own /slots.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -105,6 +106,46 @@ def test_full_queue_is_429_with_retry_after_and_batch_is_atomic(slow):
     slow.post(f"/v1/async/cancel/{running}")
     for t in ok.json()["tasks"]:
         wait_until(lambda: state(slow, t["task_id"]) == "completed", 10, what="batch task")
+
+
+def test_many_open_streams_do_not_starve_the_api(slow):
+    """60 clients wait on queued tasks (SSE) while one long task holds the only slot:
+    /healthz, a submit and a status still answer at once, and every stream ends with
+    its result. (With a few threads per worker, 60 waiting streams took them all.)"""
+    running = slow.post("/v1/async/submit", json=LONG).json()["task_id"]
+    wait_until(lambda: state(slow, running) == "running", 10, what="running")
+    behind = slow.post("/v1/async/submit", json=LONG).json()["task_id"]  # seconds more of a full slot
+    queued = [t["task_id"] for t in slow.post("/v1/async/submit-batch", json={"tasks": [SHORT] * 60}).json()["tasks"]]
+    finals: dict[str, str] = {}
+    opened = threading.Semaphore(0)
+
+    def follow(task_id):
+        with requests.get(f"{slow.url}/v1/async/stream/{task_id}", headers=slow.auth(), stream=True,
+                          timeout=60) as r:
+            opened.release()
+            kind = None
+            for line in r.iter_lines(decode_unicode=True):
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "result":
+                    finals[task_id] = json.loads(line[5:])["state"]
+
+    threads = [threading.Thread(target=follow, args=(t,), daemon=True) for t in queued]
+    for t in threads:
+        t.start()
+    for _ in queued:
+        assert opened.acquire(timeout=30), "a stream did not open"
+    assert not finals  # all 60 are open and waiting
+    for method, path, body in (("GET", "/healthz", None), ("POST", "/v1/async/submit", SHORT),
+                               ("GET", f"/v1/async/status/{queued[-1]}", None)):
+        t0 = time.monotonic()
+        r = requests.request(method, slow.url + path, json=body, headers=slow.auth(), timeout=1)
+        assert r.status_code in (200, 202) and time.monotonic() - t0 < 1
+    for task_id in (running, behind):
+        assert slow.post(f"/v1/async/cancel/{task_id}").status_code == 200
+    for t in threads:
+        t.join(60)
+    assert finals == {t: "completed" for t in queued}
 
 
 def test_result_is_gone_after_its_ttl_with_410(slow):

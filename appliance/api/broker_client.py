@@ -1,17 +1,23 @@
 """The API worker's line to the broker.
 
-Calls: each request thread owns a DEALER socket of its own (ZeroMQ sockets are not
-thread-safe, but one per thread is fine), sends, and polls that socket for the
-reply. No hand-off to another thread on the hot path: that was two context switches
-and GIL hand-overs per call. A reply is matched by request number; a late reply to
-a call that already gave up is dropped by the thread's next call.
+The API runs under gunicorn's gevent worker (procs/api.py patches the process
+before anything else is imported): one OS thread per worker, a greenlet per
+connection. Here that means zmq.green sockets, which park the greenlet instead of
+the thread; outside a patched process (tools, tests) the same code uses plain
+sockets and threads.
+
+Calls: DEALER sockets come from a free list, one per call in flight (at most
+MAX_SOCKETS; more callers wait their turn), so a thousand idle keep-alive
+connections do not each hold a socket and a file descriptor. A reply is matched by
+request number; a late reply to a call that already gave up is dropped by the next
+call that uses the socket.
 
 The DEALER has ZMQ_IMMEDIATE set: with no broker connected a send fails instead of
 queueing inside ZeroMQ; the caller retries every 20 ms until BROKER_TIMEOUT_S, then
 answers 503, so a request the client saw fail is never delivered late.
 
-Events: one I/O thread per process owns the SUB socket of the broker's events and
-hands each task's events to its Watches; request threads (un)subscribe through it.
+Events: one I/O loop per process owns the SUB socket of the broker's events and
+hands each task's events to its Watches; callers (un)subscribe through it.
 """
 from __future__ import annotations
 
@@ -22,11 +28,24 @@ import queue
 import threading
 import time
 
-import zmq
-
 from .. import protocol as P
 
+try:
+    from gevent import Timeout as _GreenTimeout
+    from gevent.monkey import is_module_patched
+    GREEN = is_module_patched("socket")
+except ImportError:  # gevent is a dependency, but the client does not need it
+    GREEN = False
+
+if GREEN:
+    import zmq.green as zmq
+else:
+    import zmq
+
 log = logging.getLogger("appliance.api")
+
+MAX_SOCKETS = 64  # calls in flight per worker; a call takes milliseconds
+
 
 class BrokerUnavailable(Exception):
     pass
@@ -64,9 +83,12 @@ class BrokerClient:
         self.timeout_s = timeout_s
         self.pid = os.getpid()
         self._ctx = zmq.Context()
-        self._local = threading.local()
+        self._free: list = []  # idle DEALER sockets; list.pop/append need no lock
+        self._sockets = threading.BoundedSemaphore(MAX_SOCKETS)
         self._reqs = itertools.count(1)
         self._lock = threading.Lock()
+        self._push = None  # the control socket into the events loop
+        self._push_lock = threading.Lock()  # not _lock: the events loop takes that one
         self._watches: dict[bytes, list[Watch]] = {}
         self._control_addr = f"inproc://broker-events-{id(self)}"
         self._started = threading.Event()
@@ -76,23 +98,47 @@ class BrokerClient:
 
     # ------------------------------------------------------------------ calls
     def _dealer(self) -> zmq.Socket:
-        sock = getattr(self._local, "dealer", None)
-        if sock is None:
-            sock = self._local.dealer = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            sock.connect(self.endpoint)
+        try:
+            return self._free.pop()
+        except IndexError:
+            pass
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.endpoint)
         return sock
+
+    @staticmethod
+    def _recv(sock: zmq.Socket, seconds: float) -> bytes | None:
+        """One message, or None after `seconds`: a single blocking call either way."""
+        if GREEN:  # zmq.green ignores RCVTIMEO
+            with _GreenTimeout(seconds, False):
+                return sock.recv()
+            return None
+        sock.setsockopt(zmq.RCVTIMEO, max(1, int(seconds * 1000)))
+        try:
+            return sock.recv()
+        except zmq.Again:
+            return None
 
     def call(self, make_msg, timeout_s: float | None = None):
         """Send `make_msg(req)` and wait for the broker's reply to it."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
-        sock = self._dealer()
         req = next(self._reqs)
         payload = P.encode(make_msg(req))
+        if not self._sockets.acquire(timeout=limit):
+            raise BrokerUnavailable(f"no broker connection free within {limit:g}s")
+        sock = self._dealer()
+        try:
+            return self._call(sock, req, payload, deadline, limit)
+        finally:
+            self._free.append(sock)
+            self._sockets.release()
+
+    def _call(self, sock, req: int, payload: bytes, deadline: float, limit: float):
         while True:
             try:
                 sock.send(payload, zmq.NOBLOCK)
@@ -103,14 +149,9 @@ class BrokerClient:
                 time.sleep(0.02)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            raw = self._recv(sock, left) if left > 0 else None
+            if raw is None:
                 raise BrokerUnavailable(f"the broker did not answer within {limit:g}s")
-            # a blocking recv with a timeout: one call into libzmq, no Poller per request
-            sock.setsockopt(zmq.RCVTIMEO, max(1, int(left * 1000)))
-            try:
-                raw = sock.recv()
-            except zmq.Again:
-                raise BrokerUnavailable(f"the broker did not answer within {limit:g}s") from None
             try:
                 reply = P.front_reply.decode(raw)
             except Exception:
@@ -118,11 +159,12 @@ class BrokerClient:
                 continue
             if reply.req == req:
                 return reply
-            # a late reply to an earlier call of this thread that gave up: drop it
+            # a late reply to an earlier call on this socket that gave up: drop it
 
     # ------------------------------------------------------------------ events
     def _events_io(self) -> None:
         control = self._ctx.socket(zmq.PULL)
+        control.setsockopt(zmq.RCVHWM, 0)
         control.bind(self._control_addr)
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
@@ -162,12 +204,13 @@ class BrokerClient:
                         w.events.put(event)
 
     def _control(self, op: bytes, topic: bytes) -> None:
-        push = getattr(self._local, "control", None)
-        if push is None:
-            push = self._local.control = self._ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(self._control_addr)
-        push.send_multipart([op, topic])
+        with self._push_lock:
+            if self._push is None:
+                self._push = self._ctx.socket(zmq.PUSH)
+                self._push.setsockopt(zmq.LINGER, 0)
+                self._push.setsockopt(zmq.SNDHWM, 0)  # a send never waits on the loop
+                self._push.connect(self._control_addr)
+            self._push.send_multipart([op, topic])
 
     def watch(self, task_id: str) -> Watch:
         """Start receiving a task's events; subscribe before asking, so none is missed
