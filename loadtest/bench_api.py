@@ -4,8 +4,11 @@
 
 1. locust, headless, FastHttpUser: the ceiling (/healthz on the same gunicorn), the
    submit path alone, and submit + poll status + result — printed as the system
-   description's table (duration, tasks, success, throughput, latencies, queue depth).
-2. Added latency: the same small chat request sequentially through
+   description's table (duration, tasks, success, throughput, latencies, queue depth)
+   — at saturation (no pause between tasks) and at a set pace (one task per user
+   per second), since latency at saturation is only users / throughput.
+2. The paced test again with one thread per user instead of locust.
+3. Added latency: the same small chat request sequentially through
    /v1/chat/completions and straight to the llama.cpp server, p50/p99 of each and
    of the difference.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -87,7 +92,7 @@ def cpu_by_program(session: int) -> dict[str, float]:
     return use
 
 
-def locust(app: Appliance, user: str, users: int, seconds: int, out: Path) -> dict[str, dict]:
+def locust(app: Appliance, user: str, users: int, seconds: int, out: Path, **env: str) -> dict[str, dict]:
     """Run one locust phase; rows by request name, plus "_cpu": CPU microseconds per request."""
     prefix = out / user
     url = app.url
@@ -96,7 +101,7 @@ def locust(app: Appliance, user: str, users: int, seconds: int, out: Path) -> di
                     "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", url, "--csv", str(prefix),
                     "--only-summary", "--loglevel", "ERROR", user],
                    check=False, capture_output=True, timeout=seconds + 120,
-                   env={**os.environ, "APPLIANCE_TOKEN": app.token})
+                   env={**os.environ, "APPLIANCE_TOKEN": app.token, **env})
     after, t1 = cpu_by_program(app.proc.pid), os.times()
     with open(f"{prefix}_stats.csv") as f:
         rows = {row["Name"]: row for row in csv.DictReader(f)}
@@ -119,6 +124,51 @@ def watch_depth(app: Appliance, stop: threading.Event, samples: list[int]) -> No
         stop.wait(0.5)
 
 
+class Probe(threading.Thread):
+    """Submits one task every 100 ms on its own connection while locust loads the box.
+
+    Latency as an unloaded client sees it, apart from the load generator: locust's
+    own timings include its 50 users' scheduling inside one process (on this 2-core
+    box a probe beside it saw p50 4.6 ms while locust reported 46 ms, same seconds).
+    """
+
+    def __init__(self, app: Appliance):
+        super().__init__(daemon=True)
+        self.app, self.stop, self.ms = app, threading.Event(), []
+
+    def run(self) -> None:
+        body = b'{"type":"chat","messages":[{"role":"user","content":"Summarise: vitals stable."}],"max_tokens":1}'
+        headers = {**self.app.auth, "Content-Type": "application/json"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=10)
+        while not self.stop.wait(0.1):
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/async/submit", body=body, headers=headers)
+            r = conn.getresponse()
+            r.read()
+            if r.status == 202:
+                self.ms.append((time.perf_counter() - t0) * 1000)
+
+    def during(self, phase):
+        self.start()
+        try:
+            return phase()
+        finally:
+            self.stop.set()
+            self.join()
+
+    def summary(self) -> str:
+        v = sorted(self.ms)
+        if not v:
+            return "no samples"
+        return (f"p50 {_pct(v, 50):.1f} ms, p95 {_pct(v, 95):.1f} ms, p99 {_pct(v, 99):.1f} ms "
+                f"({len(v)} submits)")
+
+
+def _pct(v: list[float], p: float) -> float:
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
 def bench_locust(app: Appliance, users: int, seconds: int) -> None:
     out = Path(tempfile.mkdtemp(prefix="locust-"))
     ceiling_rows = locust(app, "Healthz", users, seconds, out)
@@ -127,9 +177,12 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
     stop = threading.Event()
     t = threading.Thread(target=watch_depth, args=(app, stop, depth))
     t.start()
-    full = locust(app, "SubmitAndPoll", users, seconds, out)
+    probe_full = Probe(app)
+    full = probe_full.during(lambda: locust(app, "SubmitAndPoll", users, seconds, out))
     stop.set()
     t.join()
+    probe_paced = Probe(app)
+    paced = probe_paced.during(lambda: locust(app, "PacedSubmitAndPoll", users, seconds, out, PACE="1"))
     # last: it leaves a backlog that the model drains long after the phase ends
     submit_rows = locust(app, "SubmitOnly", users, seconds, out)
     submit_only = submit_rows["submit"]
@@ -160,22 +213,79 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
           f"p95 {st['95%']} ms, p99 {st['99%']} ms")
     if depth:
         print(f"  Queue depth        peak {max(depth)}, average {statistics.mean(depth):.1f}, min {min(depth)}")
+    print(f"  Probe (a separate client, one submit per 100 ms): {probe_full.summary()}")
+    sub, st = paced["submit"], paced["status"]
+    print(f"\nthe same at a set pace: {users} users, each starting a task every second (offered {users} tasks/s):")
+    print(f"  Tasks completed:   {int(paced['result']['Request Count']) - int(paced['result']['Failure Count'])}"
+          f"  ({f(paced['result']['Requests/s']):.1f} tasks/s), failures {paced['Aggregated']['Failure Count']}")
+    print(f"  Submission latency avg {f(sub['Average Response Time']):.1f} ms, p50 {sub['50%']} ms, "
+          f"p95 {sub['95%']} ms, p99 {sub['99%']} ms")
+    print(f"  Status latency     avg {f(st['Average Response Time']):.1f} ms, p50 {st['50%']} ms, "
+          f"p95 {st['95%']} ms, p99 {st['99%']} ms")
+    print(f"  Probe (a separate client, one submit per 100 ms): {probe_paced.summary()}")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def wait_idle(app: Appliance) -> dict:
+    """Block until nothing is queued or running (the locust phases leave a backlog
+    that llama.cpp drains for a while); the broker's stats then."""
+    deadline = time.monotonic() + 300
+    while True:
+        st = requests.get(app.url + "/v1/async/stats", headers=app.auth, timeout=10).json()
+        if st["queued"] == 0 and st["running"] == 0:
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError("the queue did not drain")
+        time.sleep(1)
+
+
+def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)) -> None:
+    """The paced test without locust: one thread and connection per user, arrivals
+    spread evenly (user i starts at i/users of each period), submit then poll status
+    every 50 ms until the task completes."""
+    body = b'{"type":"chat","messages":[{"role":"user","content":"Summarise: vitals stable."}],"max_tokens":1}'
+    headers = {**app.auth, "Content-Type": "application/json"}
+    wait_idle(app)
+    print(f"\n2. paced clients without locust: {users} threads, evenly spread arrivals, {seconds} s per rate")
+    print(f"{'offered':>14}{'tasks':>8}{'submit p50':>12}{'p95':>8}{'p99':>8}{'status p50':>12}{'p95':>8}  ms")
+    for rate in rates:
+        period = users / rate
+        lat: dict[str, list[float]] = {"submit": [], "status": []}
+        start = time.time() + 0.5
+
+        def user(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+            k = 0
+            while (at := start + (i / users + k) * period) < start + seconds:
+                k += 1
+                time.sleep(max(0.0, at - time.time()))
+                t0 = time.perf_counter()
+                conn.request("POST", "/v1/async/submit", body=body, headers=headers)
+                r = conn.getresponse()
+                task_id = json.loads(r.read())["task_id"]
+                lat["submit"].append((time.perf_counter() - t0) * 1000)
+                while True:
+                    t0 = time.perf_counter()
+                    conn.request("GET", f"/v1/async/status/{task_id}", headers=headers)
+                    state = json.loads(conn.getresponse().read())["state"]
+                    lat["status"].append((time.perf_counter() - t0) * 1000)
+                    if state in ("completed", "failed", "cancelled", "expired"):
+                        break
+                    time.sleep(0.05)
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sub, st = lat["submit"], lat["status"]
+        print(f"{f'{rate} tasks/s':>14}{len(sub):>8}{_pct(sub, 50):>12.1f}{_pct(sub, 95):>8.1f}{_pct(sub, 99):>8.1f}"
+              f"{_pct(st, 50):>12.1f}{_pct(st, 95):>8.1f}")
 
 
 def bench_added_latency(app: Appliance, n: int) -> None:
     s = requests.Session()
     s.headers.update(app.auth)  # llama.cpp ignores it
-
-    def idle():
-        st = s.get(app.url + "/v1/async/stats").json()
-        return st["queued"] == 0 and st["running"] == 0, st
-    deadline = time.monotonic() + 300
-    while not idle()[0]:  # the locust phases leave a backlog: measure on a quiet system
-        if time.monotonic() > deadline:
-            raise RuntimeError("the queue did not drain")
-        time.sleep(1)
-    endpoint = idle()[1]["workers"][0]["endpoint"]
+    endpoint = wait_idle(app)["workers"][0]["endpoint"]
     # llama.cpp wants its launcher's key; the API ignores this header (it reads Authorization)
     llama_key = (app.home / "var" / "run" / "llama-0.key").read_text().strip()
     body = {"model": "appliance-tiny", "messages": [{"role": "user", "content": "Vitals stable?"}],
@@ -200,10 +310,8 @@ def bench_added_latency(app: Appliance, n: int) -> None:
         legs.append(((st["created_at"] - w0) * 1000, (st["started_at"] - st["created_at"]) * 1000,
                      (st["finished_at"] - st["started_at"]) * 1000, (w1 - st["finished_at"]) * 1000))
 
-    def pct(v, p):
-        v = sorted(v)
-        return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-    print(f"\n2. added latency, {n} sequential chat requests (8 tokens) each way, on an idle queue")
+    pct = _pct
+    print(f"\n3. added latency, {n} sequential chat requests (8 tokens) each way, on an idle queue")
     print(f"{'ms':34}{'p50':>8}{'p99':>8}")
     print(f"{'llama.cpp directly':34}{pct(direct, 50):>8.2f}{pct(direct, 99):>8.2f}")
     print(f"{'through the appliance':34}{pct(via, 50):>8.2f}{pct(via, 99):>8.2f}")
@@ -226,6 +334,7 @@ def main() -> None:
     app = Appliance(QUEUE_MAX_SIZE=200_000, RATE_LIMITS="tasks:write=1000000/s:1000000,tasks:read=1000000/s:1000000")
     try:
         bench_locust(app, args.users, args.seconds)
+        bench_paced_clients(app, args.users, min(args.seconds, 10))
         bench_added_latency(app, args.latency_n)
     finally:
         app.stop()

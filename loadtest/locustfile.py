@@ -5,6 +5,8 @@
 
 - SubmitAndPoll: what the system description measured: submit a small chat task,
   poll its status until it is final, fetch the result.
+- PacedSubmitAndPoll: the same, each user starting a task every 1/PACE seconds
+  (env PACE, tasks/s per user, default 1): latency at a set load, not at saturation.
 - SubmitOnly: the submit path alone (its throughput against the ceiling).
 - Healthz: the ceiling: the same gunicorn answering /healthz.
 
@@ -15,7 +17,7 @@ under test, or its per-subject buckets are what you measure.
 import os
 import time
 
-from locust import FastHttpUser, constant, task
+from locust import FastHttpUser, constant, constant_throughput, task
 
 AUTH = {"Authorization": f"Bearer {os.environ.get('APPLIANCE_TOKEN', '')}"}
 
@@ -55,6 +57,10 @@ class SubmitAndPoll(FastHttpUser):
                         r.failure(f"task ended {state}")
                 return
             time.sleep(0.05)
+
+
+class PacedSubmitAndPoll(SubmitAndPoll):
+    wait_time = constant_throughput(float(os.environ.get("PACE", "1")))
 
 
 class SubmitOnly(FastHttpUser):

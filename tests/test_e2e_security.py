@@ -3,7 +3,6 @@ running appliance (gunicorn with two workers, broker, llama.cpp on the tiny mode
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
