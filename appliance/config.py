@@ -8,6 +8,7 @@ Precedence: process environment > `$APPLIANCE_HOME/.env` > defaults.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -160,11 +161,16 @@ def home_dir(environ: dict[str, str] | None = None) -> Path:
 
 _FIELDS = {name.upper() for name in Settings.__struct_fields__}
 
+# Keys that used to mean something: said once at start instead of silently ignored.
+RETIRED = {"API_THREADS": "the API runs gevent workers now; set API_CONNECTIONS (open connections per worker)"}
+
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if environ is None else environ)
     home = home_dir(env)
     raw = _read_dotenv(home / ".env")
+    for key in RETIRED.keys() & (raw.keys() | env.keys()):
+        logging.getLogger("appliance.config").warning("%s is no longer read: %s", key, RETIRED[key])
     raw.update({k: v for k, v in env.items() if k in _FIELDS})
     raw["APPLIANCE_HOME"] = str(home)
     try:

@@ -52,3 +52,10 @@ def test_database_url_names_the_journal(tmp_path):
     assert s.journal_path == "/srv/journal.db"
     with pytest.raises(ConfigError, match="DATABASE_URL: scheme 'postgresql' is not supported"):
         load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "postgresql://u:p@db/appliance"})
+
+
+def test_a_retired_key_is_named_not_silently_ignored(tmp_path, caplog):
+    (tmp_path / ".env").write_text("API_THREADS=8\n")
+    with caplog.at_level("WARNING", logger="appliance.config"):
+        load_settings({"APPLIANCE_HOME": str(tmp_path)})
+    assert "API_THREADS is no longer read" in caplog.text and "API_CONNECTIONS" in caplog.text

@@ -244,6 +244,9 @@ _client_lock = threading.Lock()
 def get_client(endpoint: str, timeout_s: float, events_endpoint: str | None = None) -> BrokerClient:
     """One client per process, made after gunicorn's fork (threads do not survive a fork)."""
     global _client
+    client = _client
+    if client is not None and client.pid == os.getpid():  # every call: no lock
+        return client
     with _client_lock:
         if _client is None or _client.pid != os.getpid():
             _client = BrokerClient(endpoint, timeout_s, events_endpoint)
