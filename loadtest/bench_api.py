@@ -37,6 +37,9 @@ from appliance.security import init_env, mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# the small task both non-locust clients submit (the locust users send the same one)
+SUBMIT_BODY = json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}],
+                          "max_tokens": 1}).encode()
 
 
 class Appliance:
@@ -52,6 +55,7 @@ class Appliance:
         e.update({k: str(v) for k, v in env.items()})
         self.token = mint_token(load_settings(e), "loadtest", ["tasks:read", "tasks:write"], 3600)
         self.auth = {"Authorization": f"Bearer {self.token}"}
+        self.json_auth = {**self.auth, "Content-Type": "application/json"}
         self.proc = subprocess.Popen([str(BIN / "appliance"), "up"], cwd=self.home, env=e,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 90
@@ -137,12 +141,10 @@ class Probe(threading.Thread):
         self.app, self.stop, self.ms = app, threading.Event(), []
 
     def run(self) -> None:
-        body = b'{"type":"chat","messages":[{"role":"user","content":"Summarise: vitals stable."}],"max_tokens":1}'
-        headers = {**self.app.auth, "Content-Type": "application/json"}
         conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=10)
         while not self.stop.wait(0.1):
             t0 = time.perf_counter()
-            conn.request("POST", "/v1/async/submit", body=body, headers=headers)
+            conn.request("POST", "/v1/async/submit", body=SUBMIT_BODY, headers=self.app.json_auth)
             r = conn.getresponse()
             r.read()
             if r.status == 202:
@@ -243,8 +245,6 @@ def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)
     """The paced test without locust: one thread and connection per user, arrivals
     spread evenly (user i starts at i/users of each period), submit then poll status
     every 50 ms until the task completes."""
-    body = b'{"type":"chat","messages":[{"role":"user","content":"Summarise: vitals stable."}],"max_tokens":1}'
-    headers = {**app.auth, "Content-Type": "application/json"}
     wait_idle(app)
     print(f"\n2. paced clients without locust: {users} threads, evenly spread arrivals, {seconds} s per rate")
     print(f"{'offered':>14}{'tasks':>8}{'submit p50':>12}{'p95':>8}{'p99':>8}{'status p50':>12}{'p95':>8}  ms")
@@ -260,13 +260,13 @@ def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)
                 k += 1
                 time.sleep(max(0.0, at - time.time()))
                 t0 = time.perf_counter()
-                conn.request("POST", "/v1/async/submit", body=body, headers=headers)
+                conn.request("POST", "/v1/async/submit", body=SUBMIT_BODY, headers=app.json_auth)
                 r = conn.getresponse()
                 task_id = json.loads(r.read())["task_id"]
                 lat["submit"].append((time.perf_counter() - t0) * 1000)
                 while True:
                     t0 = time.perf_counter()
-                    conn.request("GET", f"/v1/async/status/{task_id}", headers=headers)
+                    conn.request("GET", f"/v1/async/status/{task_id}", headers=app.json_auth)
                     state = json.loads(conn.getresponse().read())["state"]
                     lat["status"].append((time.perf_counter() - t0) * 1000)
                     if state in ("completed", "failed", "cancelled", "expired"):

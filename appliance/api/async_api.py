@@ -67,7 +67,7 @@ class Status:
         self.api = api
 
     def on_get(self, req, resp, task_id):
-        info = self.api.call(lambda r: self.api.query(req, r, task_id))
+        info = self.api.query(req, task_id)
         rec = info.task
         rec.result = None  # status is small; the result endpoint carries the text
         body = msgspec.to_builtins(rec)
@@ -85,7 +85,7 @@ class Result:
         self.api = api
 
     def on_get(self, req, resp, task_id):
-        info = self.api.call(lambda r: self.api.query(req, r, task_id))
+        info = self.api.query(req, task_id)
         rec = info.task
         if rec.state not in P.FINAL_STATES:
             # Not done yet: 202 says "accepted, still processing"; poll again.
@@ -157,7 +157,7 @@ class Stream:
         task_id = self.api.task_id(task_id)
         watch = self.api.broker().watch(task_id)  # before the first query: miss nothing
         try:
-            info = self.api.call(lambda r: self.api.query(req, r, task_id))  # 404 before any byte is sent
+            info = self.api.query(req, task_id)  # 404 before any byte is sent
         except BaseException:
             watch.close()
             raise

@@ -80,8 +80,10 @@ class Api:
         principal = req.context.principal
         return {"tenant": principal.tenant, "all_tenants": principal.admin}
 
-    def query(self, req: falcon.Request, r: int, task_id: str) -> P.Query:
-        return P.Query(r, self.task_id(task_id), **self.owner(req))
+    def query(self, req: falcon.Request, task_id: str) -> P.TaskInfo:
+        """The broker's view of a task, as this caller may see it (404 otherwise)."""
+        task_id, owner = self.task_id(task_id), self.owner(req)
+        return self.call(lambda r: P.Query(r, task_id, **owner))
 
     @staticmethod
     def task_id(raw: str) -> str:
