@@ -48,9 +48,11 @@ class Appliance:
     unless the caller passes its own Authorization header (None sends none).
     """
 
-    def __init__(self, home: Path, env: dict[str, str]):
+    def __init__(self, home: Path, env: dict[str, str], bin_dir: Path = BIN, command: list[str] | None = None):
         self.home = home
         self.env = env
+        self.bin = bin_dir
+        self.command = command or [str(bin_dir / "appliance"), "up"]
         self.port = int(env["API_PORT"])
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -86,13 +88,13 @@ class Appliance:
     def start(self) -> None:
         self.log = open(self.home / "appliance-up.out", "wb")
         self.proc = subprocess.Popen(
-            [str(BIN / "appliance"), "up"], cwd=self.home, env=self.env,
+            self.command, cwd=self.home, env=self.env,
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def ctl(self, *words: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BIN / "supervisorctl"), "-c", str(self.home / "supervisord.conf"), *words],
+            [str(self.bin / "supervisorctl"), "-c", str(self.home / "supervisord.conf"), *words],
             capture_output=True, text=True, timeout=60, env=self.env,
         )
 
@@ -103,9 +105,14 @@ class Appliance:
         return requests.post(self.url + path, timeout=10, **self._headers(kw))
 
     def wait_ready(self, timeout: float = 90) -> None:
+        """/readyz answers 200; fails at once if supervisord (the command) has exited."""
+        supervisord_log = self.home / "var" / "log" / "supervisord.log"
+
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisord exited: {self.logs()}")
+            if supervisord_log.exists() and "entered FATAL state" in supervisord_log.read_text(errors="replace"):
+                raise AssertionError(f"a program went FATAL: {self.logs()}")
             try:
                 return self.get("/readyz").status_code == 200
             except requests.ConnectionError:
