@@ -5,9 +5,9 @@ frame. Structs are tagged (the tag is the first array element) and array-like, w
 makes them small and about twice as fast to encode as maps. Change this module and
 docs/PROTOCOL.md together.
 
-The HTTP request types (TaskSpec and friends) live here too: the API decodes a
-request body straight into the struct it forwards to the broker, so there is one
-schema and no copy.
+The HTTP request types (TaskSpec: one Struct per task type) live here too: the API
+decodes a request body straight into the struct it forwards to the broker, so there
+is one schema and no copy.
 """
 from __future__ import annotations
 
@@ -39,55 +39,81 @@ class ChatMessage(Struct, forbid_unknown_fields=True):
 
 
 TaskType = Literal["chat", "complete", "embed", "extract"]
+Text = Annotated[str, Meta(max_length=1_000_000)]
+Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=1000)]
 
 
-class TaskSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """What a client asks for.
+class _Task(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """What every task type has. `type` is the tag: each type is its own Struct, so a
+    client's request decodes straight into exactly the fields that type needs (the
+    OpenAPI document states them as a discriminated union)."""
 
-    `chat` needs messages; `complete` a prompt; `embed` texts; `extract` messages and
-    a JSON schema (`json_schema`), and its result is JSON valid against that schema,
-    produced by llama.cpp's grammar-constrained decoding.
-    """
-
-    type: TaskType
-    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1000)] | None = None
-    prompt: Annotated[str, Meta(max_length=1_000_000)] | None = None
-    texts: Annotated[list[Annotated[str, Meta(max_length=100_000)]], Meta(min_length=1, max_length=256)] | None = None
-    json_schema: dict[str, Any] | None = None
-    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
-    temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
-    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
     priority: Priority = "normal"
     timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
 
-    def prompt_chars(self) -> int:
-        return (sum(len(m.content) for m in self.messages or ()) + len(self.prompt or "")
-                + sum(len(t) for t in self.texts or ()))
+    @property
+    def type(self) -> TaskType:
+        return self.__struct_config__.tag
 
-    def check(self, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
-              ) -> tuple[str, str] | None:
-        """Rules msgspec cannot express (cross-field, configured bounds): (field, message) or None."""
-        if self.type in ("chat", "extract") and not self.messages:
-            return "messages", f"a {self.type} task needs `messages`"
-        if self.type == "complete" and self.prompt is None:
-            return "prompt", "a complete task needs `prompt`"
-        if self.type == "embed" and not self.texts:
-            return "texts", "an embed task needs `texts`"
-        if self.type == "extract":
-            if not self.json_schema:
-                return "json_schema", "an extract task needs `json_schema`"
-            from .llama.grammar import SchemaError, schema_to_gbnf  # the launcher's own check
 
-            try:
-                schema_to_gbnf(self.json_schema)
-            except SchemaError as exc:
-                return "json_schema", str(exc)
-        if timeout_max_s is not None and self.timeout_s > timeout_max_s:
-            return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
-        if max_prompt_chars is not None and (n := self.prompt_chars()) > max_prompt_chars:
-            field = {"embed": "texts", "complete": "prompt"}.get(self.type, "messages")
-            return field, f"the input is {n} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
-        return None
+class _Generation(_Task, kw_only=True):
+    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
+    temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+
+
+class ChatTask(_Generation, tag="chat", kw_only=True):
+    """A chat completion: the model's reply to `messages`."""
+
+    messages: Messages
+
+
+class CompleteTask(_Generation, tag="complete", kw_only=True):
+    """A plain text completion of `prompt`."""
+
+    prompt: Text
+
+
+class EmbedTask(_Task, tag="embed", kw_only=True):
+    """One embedding vector per text."""
+
+    texts: Annotated[list[Annotated[str, Meta(max_length=100_000)]], Meta(min_length=1, max_length=256)]
+
+
+class ExtractTask(_Generation, tag="extract", kw_only=True):
+    """Structured output: JSON valid against `json_schema` (a JSON Schema object).
+
+    Decoding is constrained by a llama.cpp grammar made from the schema where the
+    schema's keywords allow it (appliance/grammar.py), and the output is always
+    validated against the whole schema: the result's `data` is valid, or the task
+    fails `extract_invalid`."""
+
+    messages: Messages
+    json_schema: Annotated[dict[str, Any], Meta(min_length=1)]
+
+
+TaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask]
+TASK_TYPES = (ChatTask, CompleteTask, EmbedTask, ExtractTask)
+
+
+def prompt_chars(spec: TaskSpec) -> int:
+    """Characters of input a task carries (MAX_PROMPT_CHARS bounds the sum)."""
+    if isinstance(spec, EmbedTask):
+        return sum(len(t) for t in spec.texts)
+    if isinstance(spec, CompleteTask):
+        return len(spec.prompt)
+    return sum(len(m.content) for m in spec.messages)
+
+
+def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
+                 ) -> tuple[str, str] | None:
+    """The configured bounds msgspec cannot know at import time: (field, message) or None."""
+    if timeout_max_s is not None and spec.timeout_s > timeout_max_s:
+        return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
+    if max_prompt_chars is not None and (n := prompt_chars(spec)) > max_prompt_chars:
+        field = {"embed": "texts", "complete": "prompt"}.get(spec.type, "messages")
+        return field, f"the input is {n} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
+    return None
 
 
 class Timings(Struct, omit_defaults=True):

@@ -90,7 +90,7 @@ def test_many_tasks_all_complete(appliance):
     (b'{"type": "chat", "messages": [{"role": "doctor", "content": "x"}]}', 422, "invalid_field",
      "messages[0].role"),
     (b'{"type": "complete", "prompt": "x", "priority": "urgent"}', 422, "invalid_field", "priority"),
-    (b'{"type": "complete", "prompt": "x", "surprise": 1}', 422, "invalid_field", ""),
+    (b'{"type": "complete", "prompt": "x", "surprise": 1}', 422, "invalid_field", "surprise"),
 ])
 def test_bad_submit_gets_a_json_error_naming_the_field(appliance, body, status, code, field):
     r = appliance.post("/v1/async/submit", data=body, headers={"Content-Type": "application/json"})

@@ -38,33 +38,33 @@ def server(tmp_path_factory, tiny_model):
 
 def test_chat_and_completion_against_llama_cpp(server):
     client = LlamaClient(server.base_url)
-    chat = P.TaskSpec(type="chat", messages=[P.ChatMessage("user", "hello")], max_tokens=8, temperature=0.0)
+    chat = P.ChatTask(messages=[P.ChatMessage("user", "hello")], max_tokens=8, temperature=0.0)
     done = run_task(client, "tiny", "t1", chat, time.time() + 30)
     assert done.error is None, done.error
     assert done.result.text and done.result.completion_tokens == 8
     assert done.result.timings.predicted_n == 8
     again = run_task(client, "tiny", "t2", chat, time.time() + 30)
     assert again.result.text == done.result.text  # greedy is deterministic
-    comp = run_task(client, "tiny", "t3", P.TaskSpec(type="complete", prompt="the", max_tokens=5), time.time() + 30)
+    comp = run_task(client, "tiny", "t3", P.CompleteTask(prompt="the", max_tokens=5), time.time() + 30)
     assert comp.result.completion_tokens == 5
 
 
 def test_prompt_over_the_context_fails_with_a_reason(server):
     client = LlamaClient(server.base_url)
-    spec = P.TaskSpec(type="complete", prompt="patient " * 2000, max_tokens=4)
+    spec = P.CompleteTask(prompt="patient " * 2000, max_tokens=4)
     done = run_task(client, "tiny", "t", spec, time.time() + 30)
     assert done.result is None
     assert done.error.code == "llama_rejected" and "exceed_context_size" in done.error.message
 
 
 def test_passed_deadline_is_a_timeout(server):
-    spec = P.TaskSpec(type="complete", prompt="x", max_tokens=4)
+    spec = P.CompleteTask(prompt="x", max_tokens=4)
     done = run_task(LlamaClient(server.base_url), "tiny", "t", spec, time.time() - 1)
     assert done.error.code == "timeout"
 
 
 def test_unreachable_llama_is_reported_not_raised():
-    spec = P.TaskSpec(type="complete", prompt="x", max_tokens=4)
+    spec = P.CompleteTask(prompt="x", max_tokens=4)
     done = run_task(LlamaClient(f"http://127.0.0.1:{free_port('127.0.0.1')}"), "tiny", "t", spec, time.time() + 5)
     assert done.error.code == "llama_unavailable"
 

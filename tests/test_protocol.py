@@ -6,7 +6,7 @@ import pytest
 
 from appliance import protocol as P
 
-SPEC = P.TaskSpec(type="chat", messages=[P.ChatMessage("user", "hello")], max_tokens=8, priority="high")
+SPEC = P.ChatTask(messages=[P.ChatMessage("user", "hello")], max_tokens=8, priority="high")
 RECORD = P.TaskRecord(task_id="a" * 32, state="completed", type="chat", priority="high", created_at=1.0,
                       result=P.TaskResult(text="hi", timings=P.Timings(predicted_n=2)))
 
@@ -40,12 +40,26 @@ def test_a_message_meant_for_the_other_side_is_refused():
         P.worker_to_broker.decode(b"\xc1garbage")
 
 
-def test_spec_rules():
-    assert P.TaskSpec(type="chat").check() == ("messages", "a chat task needs `messages`")
-    assert P.TaskSpec(type="complete").check()[0] == "prompt"
-    assert P.TaskSpec(type="complete", prompt="").check() is None
-    with pytest.raises(msgspec.ValidationError, match=r"\$\.max_tokens"):
-        msgspec.json.decode(b'{"type": "complete", "prompt": "x", "max_tokens": -1}', type=P.TaskSpec)
+@pytest.mark.parametrize("body, where", [
+    (b'{"type": "chat", "messages": null}', r"\$\.messages"),
+    (b'{"type": "chat"}', "`messages`"),
+    (b'{"type": "complete", "prompt": "x", "max_tokens": -1}', r"\$\.max_tokens"),
+    (b'{"type": "embed", "texts": ["x"], "max_tokens": 4}', "`max_tokens`"),  # not a field of embed
+    (b'{"type": "extract", "messages": [{"role": "user", "content": "x"}]}', "`json_schema`"),
+    (b'{"type": "translate", "prompt": "x"}', r"\$\.type"),
+])
+def test_each_task_type_takes_exactly_its_fields(body, where):
+    with pytest.raises(msgspec.ValidationError, match=where):
+        msgspec.json.decode(body, type=P.TaskSpec)
+
+
+def test_configured_bounds():
+    spec = msgspec.json.decode(b'{"type": "complete", "prompt": "xyz", "timeout_s": 90}', type=P.TaskSpec)
+    assert isinstance(spec, P.CompleteTask) and spec.type == "complete"
+    assert P.check_bounds(spec, timeout_max_s=100, max_prompt_chars=3) is None
+    assert P.check_bounds(spec, timeout_max_s=60)[0] == "timeout_s"
+    assert P.check_bounds(spec, max_prompt_chars=2) == ("prompt", "the input is 3 characters; at most 2 "
+                                                        "(MAX_PROMPT_CHARS)")
 
 
 def test_priorities_are_ordered_levels():

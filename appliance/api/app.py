@@ -65,5 +65,5 @@ def create_app(settings: Settings) -> falcon.App:
     app.add_route("/readyz", Readyz(api))
     async_api.add_routes(app, api)
     openai_api.add_routes(app, api)
-    app.add_route("/openapi.json", openapi.OpenApi())
+    app.add_route("/openapi.json", openapi.OpenApi(settings))
     return app

@@ -1,8 +1,11 @@
 """The async task API: submit, batch, status, result, cancel, stream, stats, health."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import falcon
 import msgspec
+from msgspec import Meta
 
 from .. import protocol as P
 from .base import Api, json_response
@@ -15,7 +18,7 @@ READ = {"GET": "tasks:read"}
 
 
 class SubmitBatchBody(msgspec.Struct, forbid_unknown_fields=True):
-    tasks: list[P.TaskSpec]
+    tasks: Annotated[list[P.TaskSpec], Meta(min_length=1)]  # at most MAX_BATCH
 
 
 def _links(task_id: str) -> dict:

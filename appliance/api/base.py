@@ -1,6 +1,7 @@
 """What every resource shares: body reading, broker calls, refusal -> HTTP mapping."""
 from __future__ import annotations
 
+import math
 import re
 
 import falcon
@@ -8,6 +9,7 @@ import msgspec
 
 from .. import protocol as P
 from ..config import Settings
+from ..grammar import SchemaError, compile_schema
 from .broker_client import BrokerUnavailable, get_client
 from .errors import ApiError, from_validation_error, invalid_field
 
@@ -58,14 +60,31 @@ class Api:
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.ValidationError as exc:
-            raise from_validation_error(exc) from None
+            if "got `float`" not in str(exc):
+                raise from_validation_error(exc) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+        # JSON Schema counts 1.0 as an integer, and so does the OpenAPI document; msgspec
+        # does not. Only on this (rare) path: integral floats become ints, then decode again.
+        try:
+            return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(body)), type_)
+        except msgspec.ValidationError as exc:
+            raise from_validation_error(exc) from None
 
     def check_spec(self, spec: P.TaskSpec, prefix: str = "") -> None:
-        problem = spec.check(self.s.task_timeout_max_s, self.s.max_prompt_chars)
+        """The configured bounds, and for `extract` a schema that is a JSON Schema.
+
+        The grammar made here is cached by the schema (grammar.compile_schema), so the
+        launcher's conversion of a schema seen before costs a dictionary lookup."""
+        problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
         if problem is not None:
             raise invalid_field(prefix + problem[0], problem[1])
+        if isinstance(spec, P.ExtractTask):
+            try:
+                compile_schema(spec.json_schema)
+            except SchemaError as exc:
+                raise invalid_field(prefix + "json_schema", str(exc)) from None
+            spec.json_schema = _wire_safe(spec.json_schema)
 
     @staticmethod
     def idempotency_key(req: falcon.Request) -> str | None:
@@ -90,6 +109,29 @@ class Api:
         if not _TASK_ID.match(raw):  # cannot exist: same answer as an unknown id
             raise ApiError(404, "not_found", "no such task")
         return raw
+
+
+def _integral_floats_as_ints(value):
+    """1.0 -> 1 throughout a decoded JSON value (a float field still accepts the int)."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
+def _wire_safe(value):
+    """JSON allows integers of any size, MessagePack 64 bits: a larger one (in a schema,
+    where only its magnitude can matter) travels as the nearest float."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return float(value) if abs(value) < 10**308 else math.copysign(math.inf, value)
+    if isinstance(value, list):
+        return [_wire_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _wire_safe(v) for k, v in value.items()}
+    return value
 
 
 def json_response(resp: falcon.Response, obj, status: str = falcon.HTTP_200) -> None:

@@ -8,6 +8,7 @@ code `internal` and no detail (its traceback goes to the log, never to the clien
 from __future__ import annotations
 
 import logging
+import re
 
 import falcon
 import msgspec
@@ -44,11 +45,19 @@ def invalid_field(field: str, message: str) -> ApiError:
 
 
 def from_validation_error(exc: msgspec.ValidationError) -> ApiError:
-    """msgspec says "Expected `int`, got `str` - at `$.max_tokens`": name the field."""
+    """msgspec says "Expected `int`, got `str` - at `$.max_tokens`": name the field.
+
+    A missing or unknown field is named by the message itself ("Object missing
+    required field `messages` - at `$.tasks[0]`"): the field is that name at that place."""
     text = str(exc)
     message, _, where = text.rpartition(" - at `")
-    field = where.rstrip("`").removeprefix("$").lstrip(".") if message else ""
-    return ApiError(422, "invalid_field", message or text, {"field": field or None})
+    if not message:
+        message, where = text, ""
+    field = where.rstrip("`").removeprefix("$").lstrip(".")
+    named = re.match(r"Object (?:missing required|contains unknown) field `(.+)`$", message)
+    if named:
+        field = f"{field}.{named.group(1)}" if field else named.group(1)
+    return ApiError(422, "invalid_field", message, {"field": field or None})
 
 
 def _body(code: str, message: str, details: dict | None) -> bytes:

@@ -29,18 +29,34 @@ from .sse import KEEPALIVE, sse_event, sse_response
 MODELS_CACHE_S = 1.0
 
 
-class ContentPart(Struct):
-    type: str
-    text: str | None = None
+class TextPart(Struct, tag_field="type", tag="text"):
+    """A content part; only text parts exist here (no images, no audio)."""
+
+    text: str
 
 
 class OAMessage(Struct):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[TextPart] | None = None
 
 
 class StreamOptions(Struct):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(Struct):
+    schema: Annotated[dict[str, Any], Meta(min_length=1)]
+    name: str = "output"
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextFormat(Struct, tag_field="type", tag="text"):
+    pass
+
+
+class JsonSchemaResponse(Struct, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchemaFormat
 
 
 class ChatRequest(Struct):
@@ -53,8 +69,8 @@ class ChatRequest(Struct):
     n: Annotated[int, Meta(ge=1, le=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    response_format: TextFormat | JsonSchemaResponse | None = None
+    tools: Annotated[list[Any], Meta(max_length=0, description="tool calling is not supported")] | None = None
 
 
 class CompletionRequest(Struct):
@@ -74,17 +90,12 @@ class EmbeddingRequest(Struct):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-def _text_of(m: OAMessage, i: int) -> str:
+def _text_of(m: OAMessage) -> str:
     if m.content is None:
         return ""
     if isinstance(m.content, str):
         return m.content
-    parts = []
-    for j, part in enumerate(m.content):
-        if part.type != "text" or part.text is None:
-            raise invalid_field(f"messages[{i}].content[{j}].type", "only text parts are supported")
-        parts.append(part.text)
-    return "".join(parts)
+    return "".join(part.text for part in m.content)
 
 
 # Failed tasks in a synchronous call: error code -> HTTP status
@@ -116,7 +127,9 @@ class OpenAI:
 
     @staticmethod
     def priority(req: falcon.Request) -> str:
-        value = (req.get_header("X-Priority") or "normal").strip().lower()
+        value = req.get_header("X-Priority")
+        if value is None:
+            return "normal"
         if value not in P.LEVEL:
             raise invalid_field("X-Priority", f"one of {', '.join(P.PRIORITIES)}")
         return value
@@ -227,19 +240,14 @@ class ChatCompletions:
 
     def on_post(self, req, resp):
         body = self.oa.api.read_json(req, ChatRequest)
-        if body.tools:
-            raise invalid_field("tools", "tool calling is not supported")
         self.oa.check_model(body.model)
-        messages = [P.ChatMessage(m.role, _text_of(m, i)) for i, m in enumerate(body.messages)]
-        spec = P.TaskSpec(type="chat", messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens
-                          or 128, temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
-        rf = body.response_format
-        if rf is not None and rf.get("type") != "text":
-            schema = (rf.get("json_schema") or {}).get("schema") if rf.get("type") == "json_schema" else None
-            if not isinstance(schema, dict):
-                raise invalid_field("response_format", "only {type: json_schema, json_schema: {schema: …}} "
-                                    "or {type: text} are supported")
-            spec.type, spec.json_schema = "extract", schema
+        messages = [P.ChatMessage(m.role, _text_of(m)) for m in body.messages]
+        common = dict(messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens or 128,
+                      temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
+        if isinstance(body.response_format, JsonSchemaResponse):  # structured output: an extract task
+            spec = P.ExtractTask(json_schema=body.response_format.json_schema.schema, **common)
+        else:
+            spec = P.ChatTask(**common)
         include = bool(body.stream_options and body.stream_options.include_usage)
         _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=True)
 
@@ -253,8 +261,8 @@ class Completions:
     def on_post(self, req, resp):
         body = self.oa.api.read_json(req, CompletionRequest)
         self.oa.check_model(body.model)
-        spec = P.TaskSpec(type="complete", prompt=body.prompt, max_tokens=body.max_tokens,
-                          temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
+        spec = P.CompleteTask(prompt=body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
+                              seed=body.seed, priority=self.oa.priority(req))
         include = bool(body.stream_options and body.stream_options.include_usage)
         _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=False)
 
@@ -269,7 +277,7 @@ class Embeddings:
         body = self.oa.api.read_json(req, EmbeddingRequest)
         self.oa.check_model(body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        spec = P.TaskSpec(type="embed", texts=texts, priority=self.oa.priority(req))
+        spec = P.EmbedTask(texts=texts, priority=self.oa.priority(req))
         rec = self.oa.wait(req, spec)
         res = rec.result
         json_response(resp, {

@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Struct
 
 from .. import protocol as P
+from ..config import Settings
 from . import async_api, openai_api
 from .middleware import PUBLIC
 
@@ -141,67 +142,105 @@ _ERRORS = {
     "413": "body too large",
     "422": "a field is invalid (details.field names it)",
     "429": "queue full or rate limit exceeded (see Retry-After)",
+    "502": "the task failed in the model (error.details.reason says why)",
     "503": "broker or model instance unavailable (see Retry-After)",
+    "504": "the task did not finish within its timeout",
 }
 
+_TASK_ID = {"name": "task_id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+_PRIORITY = {"name": "X-Priority", "in": "header", "required": False,
+             "description": "the task's priority (default normal)", "schema": {"enum": list(P.PRIORITIES)}}
+_IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
+                "description": "the same key (per tenant) gives the same task while its record is kept",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+# Operations that take a task id, and the links that lead to them from a submit's answer.
+_BY_ID = {"getTaskStatus": "status", "getTaskResult": "result", "streamTask": "stream", "cancelTask": "cancel"}
 
-def _op(summary: str, ok: tuple[str, Any] | None, errors: str, body: Any = None, params: bool = False,
-        extra: dict | None = None, sse: bool = False, secured: bool = True) -> tuple[dict, list]:
+
+# One server-sent event as a client parses it; `data` is a JSON document (or `[DONE]`).
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+
+
+def _links(pointer: str) -> dict:
+    """OpenAPI links from a submit's task id to every operation that takes one, so that a
+    stateful client (schemathesis) follows real tasks instead of guessing ids."""
+    return {name: {"operationId": op, "parameters": {"task_id": f"$response.body#{pointer}"}}
+            for op, name in _BY_ID.items()}
+
+
+def _op(op_id: str, summary: str, ok: tuple[str, Any] | None, errors: str, body: Any = None,
+        params: tuple[dict, ...] = (), extra: dict | None = None, sse: bool = False, secured: bool = True,
+        links: dict | None = None) -> tuple[dict, list]:
     types = []
     responses: dict[str, Any] = {}
     if ok is not None:
         status, typ = ok
         types.append(typ)
         responses[status] = {"description": "success", "content": {"application/json": {"schema": typ}}}
-    if sse:
+        if links:
+            responses[status]["links"] = links
+    if sse and ok is not None:  # an OpenAI call: JSON, or SSE chunks with `stream: true`
+        responses[ok[0]]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
+    elif sse:
         responses["200"] = {"description": "server-sent events: `token` {text}, then `result` (the task's "
-                            "record) or `error` {error}", "content": {"text/event-stream": {
-                                "schema": {"type": "object"}}}}
+                            "record) or `error` {error}", "content": {"text/event-stream": {"schema": _SSE_EVENT}}}
     for code, typ in (extra or {}).items():
         types.append(typ)
         responses[code] = {"description": "see summary", "content": {"application/json": {"schema": typ}}}
     for code in dict.fromkeys(errors.split() + (["401", "403", "429"] if secured else [])):
         types.append(ErrorBody)
         responses[code] = {"description": _ERRORS[code], "content": {"application/json": {"schema": ErrorBody}}}
-    op: dict[str, Any] = {"summary": summary, "responses": responses}
+    op: dict[str, Any] = {"operationId": op_id, "summary": summary, "responses": responses}
     if body is not None:
         types.append(body)
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     if params:
-        op["parameters"] = [{"name": "task_id", "in": "path", "required": True,
-                             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
+        op["parameters"] = list(params)
     return op, types
 
 
-def build() -> dict:
+_SYNC_ERRORS = "400 404 409 413 422 429 502 503 504"  # an OpenAI call waits for its task's end
+
+
+def build(settings: Settings) -> dict:
     ops = {
-        ("/healthz", "get"): _op("the API process is alive", ("200", Ok), "", secured=False),
-        ("/readyz", "get"): _op("broker reachable and a model instance registered (loopback or token, see OPS_ENDPOINTS)",
-                                ("200", Ready), "401 503", secured=False),
-        ("/v1/async/submit", "post"): _op("queue a task", ("202", SubmitAccepted), "400 413 422 429 503",
-                                          body=P.TaskSpec),
-        ("/v1/async/submit-batch", "post"): _op("queue tasks, all or none", ("202", BatchAccepted),
-                                                "400 413 422 429 503", body=async_api.SubmitBatchBody),
-        ("/v1/async/status/{task_id}", "get"): _op("a task's state", ("200", TaskStatus), "404 503", params=True),
-        ("/v1/async/result/{task_id}", "get"): _op("a task's result", ("200", TaskResultBody), "404 410 503",
-                                                   params=True, extra={"202": Pending}),
-        ("/v1/async/cancel/{task_id}", "post"): _op("cancel a queued or running task", ("200", Cancelled),
-                                                    "404 409 503", params=True),
-        ("/v1/async/stream/{task_id}", "get"): _op("token and result events (SSE)", None, "404 503", params=True,
-                                                   sse=True),
-        ("/v1/async/stats", "get"): _op("queue statistics", ("200", StatsBody), "503"),
-        ("/v1/async/health", "get"): _op("queue health (stalled: 503)", ("200", HealthBody), "",
+        ("/healthz", "get"): _op("healthz", "the API process is alive", ("200", Ok), "", secured=False),
+        ("/readyz", "get"): _op("readyz", "broker reachable and a model instance registered (loopback or token, "
+                                "see OPS_ENDPOINTS)", ("200", Ready), "401 503", secured=False),
+        ("/v1/async/submit", "post"): _op("submitTask", "queue a task", ("202", SubmitAccepted),
+                                          "400 413 422 429 503", body=P.TaskSpec, params=(_IDEMPOTENCY,),
+                                          links=_links("/task_id")),
+        ("/v1/async/submit-batch", "post"): _op("submitBatch", "queue tasks, all or none", ("202", BatchAccepted),
+                                                "400 413 422 429 503", body=async_api.SubmitBatchBody,
+                                                links=_links("/tasks/0/task_id")),
+        ("/v1/async/status/{task_id}", "get"): _op("getTaskStatus", "a task's state", ("200", TaskStatus),
+                                                   "404 503", params=(_TASK_ID,)),
+        ("/v1/async/result/{task_id}", "get"): _op("getTaskResult", "a task's result", ("200", TaskResultBody),
+                                                   "404 410 503", params=(_TASK_ID,), extra={"202": Pending}),
+        ("/v1/async/cancel/{task_id}", "post"): _op("cancelTask", "cancel a queued or running task",
+                                                    ("200", Cancelled), "404 409 503", params=(_TASK_ID,)),
+        ("/v1/async/stream/{task_id}", "get"): _op("streamTask", "token and result events (SSE)", None, "404 503",
+                                                   params=(_TASK_ID,), sse=True),
+        ("/v1/async/stats", "get"): _op("getStats", "queue statistics", ("200", StatsBody), "503"),
+        ("/v1/async/health", "get"): _op("getHealth", "queue health (stalled: 503)", ("200", HealthBody), "",
                                          extra={"503": HealthBody}),
-        ("/v1/chat/completions", "post"): _op("OpenAI chat completion", ("200", dict[str, Any]),
-                                              "400 404 413 422 429 503", body=openai_api.ChatRequest),
-        ("/v1/completions", "post"): _op("OpenAI completion", ("200", dict[str, Any]), "400 404 413 422 429 503",
-                                         body=openai_api.CompletionRequest),
-        ("/v1/embeddings", "post"): _op("OpenAI embeddings", ("200", dict[str, Any]), "400 404 413 422 429 503",
-                                        body=openai_api.EmbeddingRequest),
-        ("/v1/models", "get"): _op("served models", ("200", ModelList), "503"),
+        ("/v1/chat/completions", "post"): _op("createChatCompletion", "OpenAI chat completion",
+                                              ("200", dict[str, Any]), _SYNC_ERRORS, body=openai_api.ChatRequest,
+                                              params=(_PRIORITY,), sse=True),
+        ("/v1/completions", "post"): _op("createCompletion", "OpenAI completion", ("200", dict[str, Any]),
+                                         _SYNC_ERRORS, body=openai_api.CompletionRequest, params=(_PRIORITY,),
+                                         sse=True),
+        ("/v1/embeddings", "post"): _op("createEmbedding", "OpenAI embeddings", ("200", dict[str, Any]),
+                                        _SYNC_ERRORS, body=openai_api.EmbeddingRequest, params=(_PRIORITY,)),
+        ("/v1/models", "get"): _op("listModels", "served models", ("200", ModelList), "503"),
     }
     all_types = [t for _, types in ops.values() for t in types]
     schemas, components = msgspec.json.schema_components(all_types, ref_template="#/components/schemas/{name}")
+    _tagged_unions_as_one_of(schemas)
+    _tagged_unions_as_one_of(components)
+    _configured_bounds(components, settings)
     by_type = dict(zip(map(id, all_types), schemas))
     paths: dict[str, dict] = {}
     for (path, method), (op, _) in ops.items():
@@ -225,11 +264,51 @@ def build() -> dict:
     }
 
 
+def _tagged_unions_as_one_of(node) -> None:
+    """msgspec writes a tagged union as anyOf + discriminator; exactly one member can
+    match a tag, and OpenAPI tools expect oneOf beside a discriminator."""
+    if isinstance(node, dict):
+        if "discriminator" in node and "anyOf" in node:
+            node["oneOf"] = node.pop("anyOf")
+        for value in node.values():
+            _tagged_unions_as_one_of(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _tagged_unions_as_one_of(value)
+
+
+def _configured_bounds(components: dict, s: Settings) -> None:
+    """What this appliance's settings allow, where a Struct's static bound is wider:
+    the document must not promise what validation then refuses (TASK_TIMEOUT_MAX_S,
+    MAX_PROMPT_CHARS; the latter bounds the sum of a task's text, stated per field here)."""
+    chars = s.max_prompt_chars
+    components["SubmitBatchBody"]["properties"]["tasks"]["maxItems"] = s.max_batch
+    for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
+        components[name]["properties"]["timeout_s"]["maximum"] = s.task_timeout_max_s
+        components[name]["description"] = (components[name].get("description", "") + f" The text of a task "
+                                           f"(messages, prompt or texts) is at most {chars} characters in all "
+                                           "(MAX_PROMPT_CHARS).").strip()
+
+    def cap(schema: dict) -> None:
+        schema["maxLength"] = min(schema.get("maxLength", chars), chars)
+
+    cap(components["ChatMessage"]["properties"]["content"])
+    cap(components["CompleteTask"]["properties"]["prompt"])
+    cap(components["EmbedTask"]["properties"]["texts"]["items"])
+    cap(components["CompletionRequest"]["properties"]["prompt"])
+    cap(components["TextPart"]["properties"]["text"])
+    for option in components["OAMessage"]["properties"]["content"]["anyOf"]:
+        if option.get("type") == "string":
+            cap(option)
+    for option in components["EmbeddingRequest"]["properties"]["input"]["anyOf"]:
+        cap(option["items"] if option.get("type") == "array" else option)
+
+
 class OpenApi:
     auth = PUBLIC
 
-    def __init__(self) -> None:
-        self.body = msgspec.json.encode(build())
+    def __init__(self, settings: Settings) -> None:
+        self.body = msgspec.json.encode(build(settings))
 
     def on_get(self, req, resp):
         resp.content_type = "application/json"

@@ -305,7 +305,7 @@ class Broker:
                    task_id: str | None = None, idem: str | None = None) -> None:
         """Queue one task or a whole batch; a batch is atomic: all or none."""
         for i, spec in enumerate(specs):
-            problem = spec.check(self.s.task_timeout_max_s, self.s.max_prompt_chars)
+            problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
             if problem is not None:
                 where = f"tasks[{i}].{problem[0]}" if batch else problem[0]
                 self._reply(identity, P.Refused(req, "invalid_field", f"{where}: {problem[1]}"))

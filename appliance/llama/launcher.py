@@ -19,12 +19,14 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import msgspec
+import referencing
+import referencing.exceptions
 import zmq
 
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
+from ..grammar import SchemaError, compile_schema
 from ..logs import exception_summary
-from .grammar import schema_to_gbnf
 from .server import ServerStartError, new_api_key, start_server
 from .tinymodel import ensure_tiny_model
 
@@ -186,20 +188,28 @@ class LlamaHTTPError(Exception):
 
 def request_for(spec: P.TaskSpec) -> tuple[str, dict]:
     """The llama.cpp (OpenAI-style) request that runs this task."""
-    if spec.type == "embed":
+    if isinstance(spec, P.EmbedTask):
         return "/v1/embeddings", {"input": spec.texts}
     body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}}
     if spec.temperature is not None:
         body["temperature"] = spec.temperature
     if spec.seed is not None:
         body["seed"] = spec.seed
-    if spec.type == "complete":
+    if isinstance(spec, P.CompleteTask):
         body["prompt"] = spec.prompt
         return "/v1/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages or ()]
-    if spec.type == "extract":
-        body["grammar"] = schema_to_gbnf(spec.json_schema)
+    body["messages"] = [{"role": m.role, "content": m.content} for m in spec.messages]
+    if isinstance(spec, P.ExtractTask):
+        body["grammar"] = compile_schema(spec.json_schema)  # cached: a schema used again is not reconverted
     return "/v1/chat/completions", body
+
+
+def validate_extract(data, schema: dict) -> None:
+    """Raise jsonschema.ValidationError unless `data` is valid against `schema`.
+
+    References resolve inside the schema only: a `$ref` to a URL is never fetched (no
+    request leaves the box on a client's say-so) and fails as unresolvable."""
+    jsonschema.Draft202012Validator(schema, registry=referencing.Registry()).validate(data)
 
 
 def _failure(task_id: str, exc: BaseException, spec: P.TaskSpec) -> P.Done:
@@ -224,8 +234,11 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
     """
     if deadline - time.time() <= 0:
         return P.Done(task_id, error=P.TaskError("timeout", "deadline passed before the model started"))
-    path, body = request_for(spec)
-    if spec.type == "embed":
+    try:
+        path, body = request_for(spec)
+    except SchemaError as exc:  # the API checks schemas up front; a direct client may not have
+        return P.Done(task_id, error=P.TaskError("invalid_schema", str(exc)))
+    if isinstance(spec, P.EmbedTask):
         try:
             data = client.post_json(task_id, path, body, deadline)
         except _REQUEST_ERRORS as exc:
@@ -259,11 +272,11 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
         return _failure(task_id, exc, spec)
     text = "".join(pieces)
     data = None
-    if spec.type == "extract":
+    if isinstance(spec, P.ExtractTask):
         try:
             data = json.loads(text)
-            jsonschema.validate(data, spec.json_schema)
-        except (ValueError, jsonschema.ValidationError) as exc:
+            validate_extract(data, spec.json_schema)
+        except (ValueError, jsonschema.ValidationError, referencing.exceptions.Unresolvable) as exc:
             why = "cut off by max_tokens" if finish_reason == "length" else str(exc).splitlines()[0]
             return P.Done(task_id, error=P.TaskError("extract_invalid", f"output is not valid against the "
                                                      f"schema: {why}"))
@@ -358,8 +371,8 @@ class Launcher:
             log.error("task %s failed unexpectedly: %s", task_id, exception_summary(exc))
             done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
         if self.s.log_clinical_text:  # explicit opt-in, announced at start
-            log.info("task %s input=%r output=%r", task_id, spec.messages or spec.prompt or spec.texts,
-                     done.result.text if done.result is not None else None)
+            text_in = getattr(spec, "messages", None) or getattr(spec, "prompt", None) or getattr(spec, "texts", None)
+            log.info("task %s input=%r output=%r", task_id, text_in, done.result.text if done.result else None)
         flush()  # the last tokens go before the Done, on the same socket: in order
         push.send(P.encode(done))
 
