@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     task_timeout_max_s: Annotated[float, Meta(gt=0)] = 600.0
     max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     health_stall_s: Annotated[float, Meta(gt=0)] = 30.0
+    worker_liveness_s: Annotated[float, Meta(ge=2.0, le=300.0)] = 10.0
     health_backlog_wait_s: Annotated[float, Meta(gt=0)] = 30.0
 
     model_path: str = ""

@@ -18,10 +18,11 @@ from msgspec import Meta, Struct
 
 PROTOCOL_VERSION = 1
 
-# Heartbeats, both ways between broker and workers. A peer that has been silent
-# for HEARTBEAT_LIVENESS intervals is considered gone.
+# Heartbeats, both ways between broker and workers, every HEARTBEAT_INTERVAL_S. A
+# peer silent for WORKER_LIVENESS_S (a setting, default 10 s) is considered gone: long
+# enough that a process starved of CPU on a busy box for a few seconds is not taken
+# for dead (its running tasks would run a second time elsewhere).
 HEARTBEAT_INTERVAL_S = 1.0
-HEARTBEAT_LIVENESS = 3
 
 PRIORITIES: tuple[str, ...] = ("critical", "high", "normal", "low", "batch")
 Priority = Literal["critical", "high", "normal", "low", "batch"]
@@ -260,6 +261,9 @@ class Stats(_Msg):
     last_progress_s: float         # seconds since the last dispatch or final state
     health: Literal["healthy", "backing_up", "stalled"]
     health_reason: str
+    replies_deferred: int = 0       # replies that waited for a slow client to read
+    replies_undeliverable: int = 0  # replies whose client was gone: counted and logged
+    workers_dropped: int = 0        # workers silent past WORKER_LIVENESS_S
 
 
 class Pong(_Msg):
@@ -283,13 +287,16 @@ class Refused(_Msg):
 
 
 class Ready(_Msg):
-    """A worker joins (or rejoins after a broker restart). Slots are not credit yet."""
+    """A worker joins, or rejoins (it reconnected, or the broker restarted). Slots are
+    not credit yet. `running` names the tasks it is still running: they stay its own
+    instead of being queued again (and run twice)."""
 
     worker: str
     model: str
     slots: int
     endpoint: str
     version: int = PROTOCOL_VERSION
+    running: list[str] = []
 
 
 class Credit(_Msg):

@@ -1,6 +1,8 @@
 """The broker over real ZeroMQ sockets, with stub workers speaking the protocol."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +13,7 @@ from appliance import protocol as P
 from appliance.broker.server import Broker
 from appliance.config import load_settings
 
-SPEC = P.TaskSpec(type="complete", prompt="x", max_tokens=1)
+SPEC = P.CompleteTask(prompt="x", max_tokens=1)
 
 
 class Peer:
@@ -48,7 +50,8 @@ class Peer:
 
 @pytest.fixture
 def settings(tmp_path):
-    return load_settings({"APPLIANCE_HOME": str(tmp_path), "QUEUE_MAX_SIZE": "5", "QUEUE_AGING_S": "0"})
+    return load_settings({"APPLIANCE_HOME": str(tmp_path), "QUEUE_MAX_SIZE": "5", "QUEUE_AGING_S": "0",
+                          "WORKER_LIVENESS_S": "2"})
 
 
 class Running:
@@ -87,7 +90,7 @@ def broker(settings):
 
 
 def submit(client: Peer, req: int, priority: str = "normal") -> str:
-    client.send(P.Submit(req, P.TaskSpec(type="complete", prompt="x", priority=priority)))
+    client.send(P.Submit(req, P.CompleteTask(prompt="x", priority=priority)))
     reply = client.recv()
     assert isinstance(reply, P.Accepted) and reply.req == req, reply
     return reply.task_id
@@ -182,13 +185,87 @@ def test_silent_worker_is_dropped_and_its_task_requeued(broker):
     assert silent.recv_not(P.Heartbeat).task_id == task_id
     silent.close()  # no more heartbeats from it
     healthy = broker.worker("healthy", slots=1)
-    deadline = time.monotonic() + P.HEARTBEAT_INTERVAL_S * (P.HEARTBEAT_LIVENESS + 3)
+    deadline = time.monotonic() + broker.settings.worker_liveness_s + 3
     got = None
     while got is None and time.monotonic() < deadline:
         healthy.send(P.Heartbeat())
         got = healthy.recv_not(P.Heartbeat, timeout=0.5)
     assert isinstance(got, P.Dispatch) and got.task_id == task_id
     assert query(c, task_id).worker == "healthy"
+    assert stats(c).workers_dropped == 1
+
+
+def beat_for(peer: Peer, seconds: float) -> list:
+    """Heartbeat like a live worker for `seconds`; what the broker sent meanwhile (not heartbeats)."""
+    got, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        peer.send(P.Heartbeat())
+        msg = peer.recv_not(P.Heartbeat, timeout=min(0.3, max(0.01, end - time.monotonic())))
+        if msg is not None:
+            got.append(msg)
+    return got
+
+
+def test_a_worker_paused_less_than_the_liveness_window_keeps_its_task(tmp_path):
+    """A launcher starved of CPU for a while is not dead: its task is not run twice."""
+    b = Running(load_settings({"APPLIANCE_HOME": str(tmp_path), "WORKER_LIVENESS_S": "4"}))
+    try:
+        c = b.client()
+        task_id = submit(c, 1)
+        paused = b.worker("paused", slots=1)
+        assert paused.recv_not(P.Heartbeat).task_id == task_id
+        spare = b.worker("spare", slots=1)
+        assert beat_for(spare, 2.5) == []  # `paused` says nothing for 2.5 s; nothing moves to `spare`
+        paused.send(P.Done(task_id, result=P.TaskResult(text="late but fine")))
+        time.sleep(0.2)
+        rec = query(c, task_id)
+        assert rec.state == "completed" and rec.worker == "paused" and rec.result.text == "late but fine"
+        assert stats(c).workers_dropped == 0
+    finally:
+        b.stop()
+
+
+def test_a_worker_that_reconnects_keeps_the_tasks_it_still_runs(broker):
+    c = broker.client()
+    ids = [submit(c, i) for i in range(2)]
+    w = broker.worker("w1", slots=2)
+    got = {w.recv_not(P.Heartbeat).task_id for _ in range(2)}
+    assert got == set(ids)
+    # it reconnects (it found the broker silent) and says it still runs only the first one
+    w.send(P.Ready("w1", "tiny", 2, "http://127.0.0.1:1", running=[ids[0]]))
+    w.send(P.Credit(1))
+    requeued = w.recv_not(P.Heartbeat)
+    assert isinstance(requeued, P.Dispatch) and requeued.task_id == ids[1]  # the one it lost comes back
+    assert query(c, ids[0]).state == "running" and query(c, ids[0]).worker == "w1"
+    w.send(P.Done(ids[0], result=P.TaskResult(text="once")))
+    time.sleep(0.2)
+    assert query(c, ids[0]).state == "completed"
+
+
+def test_after_a_broker_restart_the_worker_claims_its_running_task_back(settings):
+    first = Running(settings)
+    c = first.client()
+    task_id = submit(c, 1)
+    w = first.worker("w1", slots=1)
+    assert w.recv_not(P.Heartbeat).task_id == task_id
+    first.peers.remove(w)  # the worker outlives the broker
+    first.stop()
+    second = Running(settings)
+    second.peers.append(w)
+    try:
+        c2 = second.client()
+        assert query(c2, task_id).state == "queued"  # the journal had it running: back in line ...
+        w.send(P.Ready("w1", "tiny", 1, "http://127.0.0.1:1", running=[task_id]))  # ... until its worker speaks
+        time.sleep(0.2)
+        other = second.worker("w2", slots=1)
+        assert beat_for(other, 0.5) == []  # not dispatched a second time
+        rec = query(c2, task_id)
+        assert rec.state == "running" and rec.worker == "w1"
+        w.send(P.Done(task_id, result=P.TaskResult(text="ran once")))
+        time.sleep(0.2)
+        assert query(c2, task_id).result.text == "ran once"
+    finally:
+        second.stop()
 
 
 def test_unknown_worker_is_asked_to_register(broker):
@@ -242,7 +319,7 @@ def test_cancel_a_running_task_aborts_it_on_its_worker(broker):
 
 def test_queued_task_past_its_deadline_expires(broker):
     c = broker.client()
-    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=0.3)))
+    c.send(P.Submit(1, P.CompleteTask(prompt="x", timeout_s=0.3)))
     task_id = c.recv().task_id
     time.sleep(0.6)
     rec = query(c, task_id)
@@ -251,7 +328,7 @@ def test_queued_task_past_its_deadline_expires(broker):
 
 def test_running_task_past_its_deadline_is_aborted_and_failed(broker):
     c = broker.client()
-    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=0.5)))
+    c.send(P.Submit(1, P.CompleteTask(prompt="x", timeout_s=0.5)))
     task_id = c.recv().task_id
     w = broker.worker("w1", slots=1)
     assert w.recv_not(P.Heartbeat).task_id == task_id
@@ -262,23 +339,23 @@ def test_running_task_past_its_deadline_is_aborted_and_failed(broker):
 
 def test_timeout_over_the_configured_bound_is_refused(broker):
     c = broker.client()
-    c.send(P.Submit(1, P.TaskSpec(type="complete", prompt="x", timeout_s=10_000)))
+    c.send(P.Submit(1, P.CompleteTask(prompt="x", timeout_s=10_000)))
     reply = c.recv()
     assert isinstance(reply, P.Refused) and reply.code == "invalid_field" and "timeout_s" in reply.message
 
 
 def test_batch_is_all_or_nothing(broker):
     c = broker.client()
-    specs = [P.TaskSpec(type="complete", prompt=str(i)) for i in range(3)]
+    specs = [P.CompleteTask(prompt=str(i)) for i in range(3)]
     c.send(P.SubmitBatch(1, specs))
     ok = c.recv()
     assert isinstance(ok, P.BatchAccepted) and len(set(ok.task_ids)) == 3
     c.send(P.SubmitBatch(2, specs))  # 3 more do not fit in 5
     full = c.recv()
     assert isinstance(full, P.Refused) and full.code == "queue_full"
-    c.send(P.SubmitBatch(3, [specs[0], P.TaskSpec(type="complete")]))
+    c.send(P.SubmitBatch(3, [specs[0], P.CompleteTask(prompt="x", timeout_s=10_000)]))
     bad = c.recv()
-    assert isinstance(bad, P.Refused) and bad.code == "invalid_field" and bad.message.startswith("tasks[1].prompt")
+    assert isinstance(bad, P.Refused) and bad.code == "invalid_field" and bad.message.startswith("tasks[1].timeout_s")
     assert stats(c).queued == 3  # neither refused batch left anything behind
 
 
@@ -349,3 +426,79 @@ def test_results_expire_then_are_forgotten(short_ttl, monkeypatch):
         assert c.recv().code == "not_found"
     finally:
         b.stop()
+
+
+@pytest.fixture
+def cpu_hogs():
+    """Two busy processes: the 'loaded machine' under which acknowledgements were lost."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for h in hogs:
+        h.kill()
+        h.wait()
+
+
+def test_every_pipelined_submit_is_acknowledged_on_a_loaded_machine(tmp_path, cpu_hogs, monkeypatch):
+    """One connection sends 20,000 submits before reading a single reply: far past the
+    high-water marks (made small here, so that kernel buffers cannot hide the point),
+    where the front ROUTER used to drop replies silently."""
+    import appliance.broker.outbox as outbox
+    monkeypatch.setattr(outbox, "SNDHWM", 100)
+    n = 20_000
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "QUEUE_MAX_SIZE": str(n)})
+    b = Running(s)
+    try:
+        c = b.client()
+        c.sock.setsockopt(zmq.RCVHWM, 100)
+        c.sock.disconnect(s.broker_front)  # RCVHWM applies to connections made after it is set
+        c.sock.connect(s.broker_front)
+        payloads = [P.encode(P.Submit(i, SPEC)) for i in range(n)]
+        for payload in payloads:
+            c.sock.send(payload)  # blocks only while the broker is behind on reading
+        got = set()
+        while len(got) < n:
+            reply = c.recv(timeout=30)
+            assert reply is not None, f"{n - len(got)} of {n} submits never acknowledged"
+            assert isinstance(reply, P.Accepted), reply
+            got.add(reply.req)
+        assert got == set(range(n))
+        st = stats(c)
+        assert st.queued == n and st.replies_undeliverable == 0
+        assert st.replies_deferred > 0  # the test did reach the point where replies had to wait
+    finally:
+        b.stop()
+
+
+def test_outbox_keeps_order_for_a_slow_reader_and_counts_the_undeliverable(monkeypatch):
+    """The front socket's outbox, alone: a reader slower than the high-water mark gets
+    every reply in order; a peer that is gone is counted, not silently skipped."""
+    import appliance.broker.outbox as outbox
+    monkeypatch.setattr(outbox, "SNDHWM", 10)
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    box = outbox.Outbox(router)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    reader = ctx.socket(zmq.DEALER)
+    reader.setsockopt(zmq.IDENTITY, b"slow")
+    reader.setsockopt(zmq.RCVHWM, 10)
+    reader.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        reader.send(b"hello")
+        assert router.poll(2000) and router.recv_multipart() == [b"slow", b"hello"]
+        for i in range(2000):
+            box.send(b"slow", str(i).encode())
+        assert box.deferred > 0 and box.backlog() > 0
+        got = []
+        while len(got) < 2000:
+            box.flush()
+            if reader.poll(50):
+                got.append(int(reader.recv()))
+        assert got == list(range(2000)) and box.backlog() == 0 and box.undeliverable == 0
+        box.send(b"never-connected", b"x")
+        reader.close(0)
+        time.sleep(0.3)  # the router notices the peer left
+        box.send(b"slow", b"y")
+        assert box.undeliverable == 2
+    finally:
+        reader.close(0)
+        router.close(0)

@@ -105,6 +105,9 @@ class StatsBody(Struct):
     last_progress_s: float
     health: Literal["healthy", "backing_up", "stalled"]
     health_reason: str
+    replies_deferred: int
+    replies_undeliverable: int
+    workers_dropped: int
 
 
 class Ok(Struct):

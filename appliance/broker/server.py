@@ -25,6 +25,7 @@ from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
 from ..store.journal import SqliteJournal
 from ._pqueue import PriorityQueue, QueueFull
+from .outbox import Outbox
 
 log = logging.getLogger("appliance.broker")
 
@@ -81,6 +82,7 @@ class Broker:
             sock.setsockopt(zmq.LINGER, 0)
         # A restarted launcher reuses its identity; let the new connection take it over.
         self.back.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.outbox = Outbox(self.front)  # ROUTER_MANDATORY: no reply is dropped silently
         self.front.bind(settings.broker_front)
         self.back.bind(settings.broker_back)
         self.events.bind(settings.broker_events)
@@ -105,6 +107,7 @@ class Broker:
         self._finished_at: deque[float] = deque()
         self._finished = Counter()
         self._last_progress = time.monotonic()
+        self.workers_dropped = 0  # for silence (not for leaving or re-registering)
         self._running = True
         self._next_heartbeat = 0.0
         self._recover()
@@ -156,9 +159,12 @@ class Broker:
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
             self._commit_and_ack()
+            self.outbox.flush()
         self.close()
 
     def _poll_timeout_ms(self) -> int:
+        if self.outbox.pending:
+            return 1  # replies wait for a slow reader: try again soon
         wait = self._next_heartbeat - time.monotonic()
         if self._deadlines:
             wait = min(wait, self._deadlines[0][0] - time.time())
@@ -254,7 +260,7 @@ class Broker:
 
     # ----------------------------------------------------------------- clients
     def _reply(self, identity: bytes, msg) -> None:
-        self.front.send_multipart([identity, P.encode(msg)])
+        self.outbox.send(identity, P.encode(msg))
 
     def _on_front(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -357,7 +363,7 @@ class Broker:
             self._unacked.clear()
             return
         for identity, payload in self._acks:
-            self.front.send_multipart([identity, payload])
+            self.outbox.send(identity, payload)
         self._acks.clear()
         self._unacked.clear()
         for idem in self._idem_release:
@@ -420,6 +426,9 @@ class Broker:
             last_progress_s=since,
             health=health,
             health_reason=reason,
+            replies_deferred=self.outbox.deferred,
+            replies_undeliverable=self.outbox.undeliverable,
+            workers_dropped=self.workers_dropped,
         )
 
     # ----------------------------------------------------------------- workers
@@ -444,10 +453,7 @@ class Broker:
         now = time.monotonic()
         worker = self.workers.get(identity)
         if isinstance(msg, P.Ready):
-            if worker is not None:
-                self._drop_worker(worker, "re-registered")
-            self.workers[identity] = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, last_seen=now)
-            log.info("worker %s ready: model=%s slots=%d at %s", msg.worker, msg.model, msg.slots, msg.endpoint)
+            self._on_ready(identity, worker, msg, now)
             return
         if isinstance(msg, P.Tokens):
             task = self.tasks.get(msg.task_id)
@@ -466,6 +472,41 @@ class Broker:
             worker.credit = min(worker.slots - len(worker.running), worker.credit + max(0, msg.n))
         elif isinstance(msg, P.Disconnect):
             self._drop_worker(worker, "disconnected")
+
+    def _on_ready(self, identity: bytes, old: Worker | None, msg: P.Ready, now: float) -> None:
+        """Register a worker; what it says it still runs stays its own.
+
+        A worker re-registers after it reconnected (it found us silent) or after we
+        restarted. Its tasks that it no longer runs are requeued; those it still runs
+        stay with it, and after a broker restart (when the journal's running tasks came
+        back queued) it claims them back, so none runs twice. A task it runs that is
+        final by now (cancelled, timed out while it was away) is aborted there."""
+        new = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, last_seen=now)
+        still = set(msg.running)
+        if old is not None:
+            new.running = old.running & still
+            old.running -= new.running
+            self._drop_worker(old, "re-registered")
+        wall = time.time()
+        for task_id in still - new.running:
+            task = self.tasks.get(task_id)
+            if task is None:
+                self._send_worker(identity, P.Abort(task_id, "cancelled"))
+                continue
+            rec = task.record
+            if rec.state == "queued":
+                self.queue.cancel(task.seq)
+                self.by_seq.pop(task.seq, None)
+            else:  # running on another worker: the duplicate is stopped, the first one goes on
+                self._send_worker(identity, P.Abort(task_id, "cancelled"))
+                continue
+            rec.state, rec.worker = "running", msg.worker
+            rec.started_at = rec.started_at or wall
+            new.running.add(task_id)
+            self.journal.write(task.seq, rec)
+        self.workers[identity] = new
+        log.info("worker %s ready: model=%s slots=%d at %s; %d running tasks kept", msg.worker, msg.model,
+                 msg.slots, msg.endpoint, len(new.running))
 
     def _on_done(self, worker: Worker | None, msg: P.Done) -> None:
         task = self.tasks.get(msg.task_id)
@@ -547,10 +588,11 @@ class Broker:
     def _heartbeat(self) -> None:
         now = time.monotonic()
         self._next_heartbeat = now + P.HEARTBEAT_INTERVAL_S
-        horizon = now - P.HEARTBEAT_INTERVAL_S * P.HEARTBEAT_LIVENESS
+        horizon = now - self.s.worker_liveness_s
         for worker in list(self.workers.values()):
             if worker.last_seen < horizon:
-                self._drop_worker(worker, "missed heartbeats")
+                self.workers_dropped += 1
+                self._drop_worker(worker, f"silent for {now - worker.last_seen:.1f}s")
             else:
                 self._send_worker(worker.identity, P.Heartbeat())
 

@@ -330,7 +330,8 @@ class Launcher:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.name.encode())
         self.sock.connect(self.s.broker_back)
-        self._send(P.Ready(self.name, self.s.model_name, self.s.llama_slots, self.server.base_url))
+        self._send(P.Ready(self.name, self.s.model_name, self.s.llama_slots, self.server.base_url,
+                           running=sorted(self.running)))
         free = self.s.llama_slots - len(self.running)
         if free:
             self._send(P.Credit(free))
@@ -421,7 +422,7 @@ class Launcher:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + P.HEARTBEAT_INTERVAL_S
-                if now - self.broker_seen > P.HEARTBEAT_INTERVAL_S * P.HEARTBEAT_LIVENESS:
+                if now - self.broker_seen > self.s.worker_liveness_s:
                     log.warning("%s: broker silent; reconnecting", self.name)
                     poller.unregister(self.sock)
                     self._connect()
