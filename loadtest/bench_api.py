@@ -11,6 +11,13 @@
 3. Added latency: the same small chat request sequentially through
    /v1/chat/completions and straight to the llama.cpp server, p50/p99 of each and
    of the difference.
+
+Settings (README's table: the upper-cased fields of appliance.config.Settings) set in
+the caller's environment reach the appliance, e.g. `API_WORKERS=4 .venv/bin/python
+loadtest/bench_api.py`; QUEUE_MAX_SIZE and RATE_LIMITS default to the benchmark's
+(lifted) values when not set. The paths, sockets and ports are the benchmark's own
+(a temp home, free ports), and its tokens are HS256: an override of the caller's value
+is printed. The report starts with the settings in force.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import requests
 
-from appliance.config import load_settings
+from appliance.config import SECRET_KEYS, Settings, load_settings
 from appliance.llama.server import free_port
 from appliance.security import init_env, mint_token
 
@@ -41,6 +48,71 @@ BIN = Path(sys.executable).parent
 SUBMIT_BODY = json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Summarise: vitals stable."}],
                           "max_tokens": 1}).encode()
 
+SETTINGS = [name.upper() for name in Settings.__struct_fields__]
+# The benchmark's appliance lives in a temp home on free ports, so that it cannot touch
+# (or collide with) an appliance already running: these come from the home, whatever
+# the caller's environment says.
+OWN = ("APPLIANCE_HOME", "DATA_DIR", "RUN_DIR", "LOG_DIR", "DATABASE_URL", "AUDIT_LOG", "BROKER_FRONT",
+       "BROKER_BACK", "BROKER_EVENTS", "TELEMETRY_ENDPOINT", "API_PORT", "LLAMA_PORT_BASE")
+# Always in the report, with whatever the caller set and the benchmark overrode.
+SHOWN = ("API_WORKERS", "API_CONNECTIONS", "LLAMA_SLOTS", "LLAMA_THREADS", "QUEUE_MAX_SIZE", "RATE_LIMITS")
+# Non-setting variables with these prefixes are left out (LLAMA_ARG_* is read by llama-server itself).
+STRAY = ("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_")
+
+
+def cores() -> str:
+    n = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n
+    return f"{n} cores" + (f" ({usable} usable by this process)" if usable != n else "")
+
+
+def appliance_environment(home: Path, port: int,
+                          defaults: dict[str, str]) -> tuple[dict[str, str], set[str], list[str]]:
+    """The environment for the benchmark's appliance, the caller's settings it keeps, and
+    notes on the caller's settings it overrides.
+
+    The caller's settings pass; `defaults` (the benchmark's own choices) fill in where
+    the caller set nothing; the home's paths and ports, and HS256 (the benchmark mints
+    its tokens with the home's secret), override the caller's, with a note each."""
+    caller = {k: v for k, v in os.environ.items() if k in SETTINGS}
+    e = {k: v for k, v in os.environ.items() if k in SETTINGS or not k.startswith(STRAY)}
+    notes = []
+    own = {"APPLIANCE_HOME": str(home), "API_PORT": str(port)}
+    for key in OWN:
+        if key in caller:
+            notes.append(f"{key}: the caller's {caller.pop(key)!r} is not used (the benchmark's appliance uses "
+                         f"its temp home and free ports)")
+        e.pop(key, None)
+    if caller.get("JWT_ALGORITHM", "HS256") != "HS256":
+        notes.append(f"JWT_ALGORITHM: the caller's {caller['JWT_ALGORITHM']!r} is replaced by HS256 "
+                     "(the benchmark mints its own tokens; it has no private key)")
+        e["JWT_ALGORITHM"] = "HS256"
+        e.pop("JWT_PUBLIC_KEY_FILE", None)
+        caller.pop("JWT_ALGORITHM")
+    e.update(own)
+    e["LOG_LEVEL"] = "WARNING"
+    for key, value in defaults.items():
+        e.setdefault(key, str(value))
+    if "RATE_LIMITS" in caller:
+        notes.append("RATE_LIMITS is the caller's: its buckets are per subject, and here one subject "
+                     "is the whole load (the benchmark lifts them when RATE_LIMITS is not set)")
+    return e, set(caller), notes
+
+
+def settings_report(s: Settings, caller: set[str], defaults: dict[str, str], notes: list[str]) -> str:
+    """The settings in force, as the appliance reads them (environment > home's .env > defaults)."""
+    lines = ["settings in force (from the environment, else the benchmark's choice, else the default):"]
+    for key in [k for k in SETTINGS if k in SHOWN or k in caller]:
+        if key in SECRET_KEYS:
+            value = "(set, not shown)"
+        else:
+            value = getattr(s, key.lower())
+            value = str(value).lower() if isinstance(value, bool) else str(value)
+        source = "environment" if key in caller else "benchmark" if key in defaults else "default"
+        lines.append(f"  {key:18}{value:<20} ({source})")
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
+
 
 class Appliance:
     def __init__(self, **env):
@@ -49,25 +121,35 @@ class Appliance:
         init_env(self.home)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        e = {k: v for k, v in os.environ.items()
-             if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_"))}
-        e.update({"APPLIANCE_HOME": str(self.home), "API_PORT": str(self.port), "LOG_LEVEL": "WARNING"})
-        e.update({k: str(v) for k, v in env.items()})
-        self.token = mint_token(load_settings(e), "loadtest", ["tasks:read", "tasks:write"], 3600)
+        defaults = {k: str(v) for k, v in env.items()}
+        e, caller, notes = appliance_environment(self.home, self.port, defaults)
+        try:
+            settings = load_settings(e)  # a caller's value that is wrong stops the run here, named
+        except SystemExit:
+            shutil.rmtree(self.home, ignore_errors=True)
+            raise
+        print(settings_report(settings, caller, defaults, notes), flush=True)
+        self.settings = settings
+        self.token = mint_token(settings, "loadtest", ["tasks:read", "tasks:write"], 3600)
         self.auth = {"Authorization": f"Bearer {self.token}"}
         self.json_auth = {**self.auth, "Content-Type": "application/json"}
-        self.proc = subprocess.Popen([str(BIN / "appliance"), "up"], cwd=self.home, env=e,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        up_log = self.home / "up.log"
+        with up_log.open("wb") as out:
+            self.proc = subprocess.Popen([str(BIN / "appliance"), "up"], cwd=self.home, env=e,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.2)
+        why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "was not ready after 90 s"
+        logs = [up_log, *sorted((self.home / "var" / "log").glob("*.log"))]
+        tail = "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-1500:]}" for f in logs if f.is_file())
         self.stop()
-        raise RuntimeError("appliance did not become ready")
+        raise RuntimeError(f"the appliance {why}:\n{tail}")
 
     def stop(self):
         subprocess.run([str(BIN / "supervisorctl"), "-c", str(self.home / "supervisord.conf"), "shutdown"],
@@ -198,7 +280,7 @@ def bench_locust(app: Appliance, users: int, seconds: int) -> None:
         print(f"{name:34}{f(row['Requests/s']):>12,.0f}{row['50%']:>8}{row['95%']:>8}{row['99%']:>8}"
               f"{row['Failure Count']:>10}")
     print(f"submit throughput / ceiling: {f(submit_only['Requests/s']) / f(ceiling['Requests/s']):.0%}")
-    print("CPU per request, microseconds (all phases share the same 2 cores):")
+    print(f"CPU per request, microseconds (all phases share the same {cores()}):")
     progs = ("api", "broker", "llama", "supervisord", "locust")
     print(f"{'':34}" + "".join(f"{p:>12}" for p in progs) + f"{'total':>10}")
     for name, rows in (("ceiling: GET /healthz", ceiling_rows), ("POST submit alone", submit_rows)):
@@ -251,7 +333,9 @@ def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)
     for rate in rates:
         period = users / rate
         lat: dict[str, list[float]] = {"submit": [], "status": []}
+        unfinished: list[str] = []
         start = time.time() + 0.5
+        give_up = start + seconds + max(60.0, 2 * seconds)  # a task still not final then is reported
 
         def user(i: int) -> None:
             conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
@@ -271,6 +355,9 @@ def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)
                     lat["status"].append((time.perf_counter() - t0) * 1000)
                     if state in ("completed", "failed", "cancelled", "expired"):
                         break
+                    if time.time() > give_up:
+                        unfinished.append(f"{task_id} ({state})")
+                        return
                     time.sleep(0.05)
         threads = [threading.Thread(target=user, args=(i,)) for i in range(users)]
         for t in threads:
@@ -280,6 +367,9 @@ def bench_paced_clients(app: Appliance, users: int, seconds: int, rates=(10, 50)
         sub, st = lat["submit"], lat["status"]
         print(f"{f'{rate} tasks/s':>14}{len(sub):>8}{_pct(sub, 50):>12.1f}{_pct(sub, 95):>8.1f}{_pct(sub, 99):>8.1f}"
               f"{_pct(st, 50):>12.1f}{_pct(st, 95):>8.1f}")
+        if unfinished:
+            print(f"{'':14}{len(unfinished)} task(s) not final {give_up - start - seconds:.0f} s after the last "
+                  f"submit, their users stopped: {', '.join(unfinished[:5])}")
 
 
 def bench_added_latency(app: Appliance, n: int) -> None:
@@ -288,13 +378,13 @@ def bench_added_latency(app: Appliance, n: int) -> None:
     endpoint = wait_idle(app)["workers"][0]["endpoint"]
     # llama.cpp wants its launcher's key; the API ignores this header (it reads Authorization)
     llama_key = (app.home / "var" / "run" / "llama-0.key").read_text().strip()
-    body = {"model": "appliance-tiny", "messages": [{"role": "user", "content": "Vitals stable?"}],
+    body = {"model": app.settings.model_name, "messages": [{"role": "user", "content": "Vitals stable?"}],
             "max_tokens": 8, "temperature": 0}
 
     def timed(url):
         headers = {"Authorization": f"Bearer {llama_key}"} if url.startswith(endpoint) else None
         w0, t0 = time.time(), time.perf_counter()
-        r = s.post(url, json=body, headers=headers)
+        r = s.post(url, json=body, headers=headers, timeout=60)
         r.raise_for_status()
         return (time.perf_counter() - t0) * 1000, w0, time.time(), r.json()["id"]
 
@@ -306,7 +396,7 @@ def bench_added_latency(app: Appliance, n: int) -> None:
         direct.append(timed(endpoint + "/v1/chat/completions")[0])
         ms, w0, w1, cid = timed(app.url + "/v1/chat/completions")
         via.append(ms)
-        st = s.get(f"{app.url}/v1/async/status/{cid.split('-', 1)[1]}").json()
+        st = s.get(f"{app.url}/v1/async/status/{cid.split('-', 1)[1]}", timeout=10).json()
         legs.append(((st["created_at"] - w0) * 1000, (st["started_at"] - st["created_at"]) * 1000,
                      (st["finished_at"] - st["started_at"]) * 1000, (w1 - st["finished_at"]) * 1000))
 
@@ -329,8 +419,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--latency-n", type=int, default=500)
     args = ap.parse_args()
-    print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(f"machine: {cores()}, Python {sys.version.split()[0]}")
     # the buckets are per subject, and here one subject is the whole load: lift them
+    # (defaults: a caller's QUEUE_MAX_SIZE or RATE_LIMITS wins)
     app = Appliance(QUEUE_MAX_SIZE=200_000, RATE_LIMITS="tasks:write=1000000/s:1000000,tasks:read=1000000/s:1000000")
     try:
         bench_locust(app, args.users, args.seconds)
