@@ -8,8 +8,10 @@ Precedence: process environment > `$APPLIANCE_HOME/.env` > defaults.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +27,36 @@ class ConfigError(SystemExit):
 
 
 Port = Annotated[int, Meta(ge=0, le=65535)]
+
+# What a bearer token may allow (README, Security). Here, beside the settings that name
+# them (RATE_LIMITS), so that security and the API's rate limiter share one list.
+SCOPES = ("tasks:write", "tasks:read", "rag:write", "rag:read", "gpu:read", "admin")
+
+
+class RateLimit(msgspec.Struct, frozen=True):
+    per_s: float  # tokens added per second
+    burst: int    # bucket size
+
+
+_RATE_RULE = re.compile(r"^\s*([a-z:]+)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*:\s*(\d+)\s*$")
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@functools.lru_cache(maxsize=8)
+def parse_rate_limits(text: str) -> dict[str, RateLimit]:
+    """"tasks:write=100/s:200,admin=10/m:5" -> {scope: RateLimit}; ConfigError names the bad part."""
+    limits: dict[str, RateLimit] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = _RATE_RULE.match(part)
+        if not m:
+            raise ConfigError(f"RATE_LIMITS: {part!r} is not SCOPE=RATE/UNIT:BURST (e.g. tasks:write=100/s:200)")
+        scope, rate, unit, burst = m.group(1), float(m.group(2)), m.group(3), int(m.group(4))
+        if scope not in SCOPES:
+            raise ConfigError(f"RATE_LIMITS: unknown scope {scope!r}; known: {', '.join(SCOPES)}")
+        if rate <= 0 or burst < 1:
+            raise ConfigError(f"RATE_LIMITS: {part!r}: the rate must be > 0 and the burst >= 1")
+        limits[scope] = RateLimit(rate / _PER[unit], burst)
+    return limits
 
 
 class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
@@ -112,6 +144,11 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
         return self.database_url.removeprefix("sqlite:///")
 
     @property
+    def rate_limit_rules(self) -> dict[str, RateLimit]:
+        """RATE_LIMITS, parsed (and checked when the settings were loaded)."""
+        return parse_rate_limits(self.rate_limits)
+
+    @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
@@ -178,6 +215,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         s = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc).replace("`$.", "`")) from None
+    parse_rate_limits(s.rate_limits)  # a typo is refused at start, naming the part, in every process
     var = home / "var"
     s.data_dir = s.data_dir or str(var / "data")
     s.run_dir = s.run_dir or str(var / "run")

@@ -15,11 +15,10 @@ import time
 import uuid
 from pathlib import Path
 
-from .config import ConfigError, Settings, dotenv_line
+from .config import SCOPES, ConfigError, Settings, dotenv_line
 
 log = logging.getLogger("appliance.security")
 
-SCOPES = ("tasks:write", "tasks:read", "rag:write", "rag:read", "gpu:read", "admin")
 MIN_SECRET_BYTES = 32
 
 # Values that were published (the system description we replace shipped these two in
@@ -81,10 +80,7 @@ def check_startup(s: Settings) -> list[str]:
 
     Mutates `s` in one case only: insecure dev mode forces API_HOST to 127.0.0.1.
     """
-    from .api.ratelimit import parse_rate_limits
-
     warnings: list[str] = []
-    parse_rate_limits(s.rate_limits)  # a typo here is a ConfigError now, not a 500 later
     if "*" in s.cors_origins:
         raise ConfigError("CORS_ORIGINS: list exact origins (https://host:port); a wildcard is not allowed")
     for origin in s.cors_origin_list:

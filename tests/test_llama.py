@@ -8,7 +8,8 @@ import pytest
 
 from appliance import protocol as P
 from appliance.config import load_settings
-from appliance.llama.launcher import LlamaClient, run_task
+from appliance.llama.client import LlamaClient
+from appliance.llama.tasks import run_task
 from appliance.llama.server import ServerStartError, free_port, start_server
 
 

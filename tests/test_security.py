@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from appliance.api.auth import Authenticator
 from appliance.api.errors import ApiError
-from appliance.api.ratelimit import RateLimiter, parse_rate_limits
+from appliance.api.ratelimit import RateLimiter
+from appliance.config import parse_rate_limits
 from appliance.audit import AuditLog, verify
 from appliance.config import ConfigError, load_settings
 from appliance.security import check_startup, init_env, mint_token

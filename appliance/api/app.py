@@ -18,7 +18,7 @@ from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
 from .middleware import OPS, PUBLIC, Audit, Guard
-from .ratelimit import RateLimiter, parse_rate_limits
+from .ratelimit import RateLimiter
 
 
 def rate_limit_file(settings: Settings) -> Path:
@@ -39,7 +39,7 @@ class Readyz:
         self.api = api
 
     def on_get(self, req, resp):
-        pong = self.api.call(lambda r: P.Ping(r))
+        pong = self.api.broker().ping()
         body = {"broker": "ok", "workers_ready": pong.workers_ready, "queued": pong.queued,
                 "running": pong.running, "gpu": pong.gpu_state}
         if pong.workers_ready < 1:
@@ -50,7 +50,7 @@ class Readyz:
 
 def create_app(settings: Settings) -> falcon.App:
     """The WSGI app. Run `security.check_startup(settings)` first: this trusts the settings."""
-    limiter = RateLimiter(rate_limit_file(settings), parse_rate_limits(settings.rate_limits))
+    limiter = RateLimiter(rate_limit_file(settings), settings.rate_limit_rules)
     middleware: list = [Audit(AuditLog(settings.audit_log, settings.audit_key))]
     if settings.cors_origin_list:
         middleware.append(falcon.CORSMiddleware(allow_origins=settings.cors_origin_list,

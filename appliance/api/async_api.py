@@ -37,7 +37,7 @@ class Submit:
         self.api.check_spec(spec)
         key = self.api.idempotency_key(req)
         tenant = req.context.principal.tenant
-        accepted = self.api.call(lambda r: P.Submit(r, spec, tenant=tenant, idempotency_key=key))
+        accepted = self.api.broker().submit(spec, tenant, idempotency_key=key)
         req.context.audit_ids = [accepted.task_id]
         json_response(resp, {**_links(accepted.task_id), "state": accepted.state,
                              "stream_url": f"/v1/async/stream/{accepted.task_id}"}, falcon.HTTP_202)
@@ -58,7 +58,7 @@ class SubmitBatch:
         for i, spec in enumerate(body.tasks):
             self.api.check_spec(spec, f"tasks[{i}].")
         tenant = req.context.principal.tenant
-        accepted = self.api.call(lambda r: P.SubmitBatch(r, body.tasks, tenant=tenant))
+        accepted = self.api.broker().submit_batch(body.tasks, tenant)
         req.context.audit_ids = accepted.task_ids
         json_response(resp, {"tasks": [{**_links(t), "state": "queued"} for t in accepted.task_ids]}, falcon.HTTP_202)
 
@@ -109,7 +109,7 @@ class Cancel:
         self.api = api
 
     def on_post(self, req, resp, task_id):
-        info = self.api.call(lambda r: P.Cancel(r, self.api.task_id(task_id), **self.api.owner(req)))
+        info = self.api.broker().cancel(self.api.task_id(task_id), *self.api.owner(req))
         json_response(resp, {"task_id": info.task.task_id, "state": info.task.state})
 
 
@@ -120,7 +120,7 @@ class Stats:
         self.api = api
 
     def on_get(self, req, resp):
-        stats = self.api.call(lambda r: P.GetStats(r))
+        stats = self.api.broker().stats()
         body = msgspec.structs.asdict(stats)  # array-like on the wire, an object here
         del body["req"]
         json_response(resp, body)
@@ -141,7 +141,7 @@ class Health:
         self.api = api
 
     def on_get(self, req, resp):
-        st = self.api.call(lambda r: P.GetStats(r))
+        st = self.api.broker().stats()
         body = {"status": st.health, "reason": st.health_reason, "queued": st.queued, "running": st.running,
                 "workers": len(st.workers), "oldest_queued_s": st.oldest_queued_s,
                 "last_progress_s": st.last_progress_s}
@@ -167,7 +167,7 @@ class Stream:
         deadline = info.task.created_at + self.api.s.task_timeout_max_s + 5
         sse_response(resp, self._events(task_id, deadline, self.api.owner(req), watch))
 
-    def _events(self, task_id: str, deadline: float, owner: dict, watch):
+    def _events(self, task_id: str, deadline: float, owner, watch):
         for kind, value in follow(self.api, task_id, deadline, owner, watch):
             if kind == "text":
                 yield sse_event({"text": value}, "token")

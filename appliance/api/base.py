@@ -1,8 +1,9 @@
-"""What every resource shares: body reading, broker calls, refusal -> HTTP mapping."""
+"""What every resource shares: body reading, the broker client, ids and owners."""
 from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import falcon
 import msgspec
@@ -10,41 +11,27 @@ import msgspec
 from .. import protocol as P
 from ..config import Settings
 from ..grammar import SchemaError, compile_schema
-from .broker_client import BrokerUnavailable, get_client
+from .broker_client import BrokerClient, get_client
 from .errors import ApiError, from_validation_error, invalid_field
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
-# broker refusal code -> (HTTP status, extra headers)
-_REFUSAL_STATUS = {
-    "not_found": 404,
-    "already_final": 409,
-    "invalid_field": 422,
-    "batch_too_large": 422,
-    "queue_full": 429,
-    "storage_unavailable": 503,
-}
+class Owner(NamedTuple):
+    """Whose tasks a caller may see: its tenant's, or every tenant's (an admin)."""
+
+    tenant: str
+    all_tenants: bool
 
 
 class Api:
-    """Shared plumbing of the resources: body reading, broker calls, error mapping."""
+    """Shared plumbing of the resources. Broker calls go through the typed client
+    (`broker()`); its refusals become HTTP errors in one place (errors.py)."""
 
     def __init__(self, settings: Settings):
         self.s = settings
 
-    def broker(self):
+    def broker(self) -> BrokerClient:
         return get_client(self.s.broker_front, self.s.broker_timeout_s, self.s.broker_events)
-
-    def call(self, make_msg):
-        try:
-            reply = self.broker().call(make_msg)
-        except BrokerUnavailable as exc:
-            raise ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "1"}) from None
-        if isinstance(reply, P.Refused):
-            status = _REFUSAL_STATUS.get(reply.code, 400)
-            headers = {"Retry-After": "1"} if status in (429, 503) else None
-            raise ApiError(status, reply.code, reply.message, headers=headers)
-        return reply
 
     def read_json(self, req: falcon.Request, type_):
         length = req.content_length
@@ -94,15 +81,13 @@ class Api:
         return key
 
     @staticmethod
-    def owner(req: falcon.Request) -> dict:
-        """Whose tasks a caller may see: its tenant's, or every tenant's for `admin`."""
+    def owner(req: falcon.Request) -> Owner:
         principal = req.context.principal
-        return {"tenant": principal.tenant, "all_tenants": principal.admin}
+        return Owner(principal.tenant, principal.admin)
 
     def query(self, req: falcon.Request, task_id: str) -> P.TaskInfo:
         """The broker's view of a task, as this caller may see it (404 otherwise)."""
-        task_id, owner = self.task_id(task_id), self.owner(req)
-        return self.call(lambda r: P.Query(r, task_id, **owner))
+        return self.broker().query(self.task_id(task_id), *self.owner(req))
 
     @staticmethod
     def task_id(raw: str) -> str:

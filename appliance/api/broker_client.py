@@ -48,7 +48,16 @@ MAX_SOCKETS = 64  # calls in flight per worker; a call takes milliseconds
 
 
 class BrokerUnavailable(Exception):
-    pass
+    """No answer within BROKER_TIMEOUT_S (the API answers 503 broker_unavailable)."""
+
+
+class BrokerRefused(Exception):
+    """The broker will not do it; `code` is the API's stable error code (not_found, ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 class Watch:
@@ -95,6 +104,35 @@ class BrokerClient:
         self._thread = threading.Thread(target=self._events_io, name="broker-events", daemon=True)
         self._thread.start()
         self._started.wait()
+
+    # ------------------------------------------------------------ typed calls
+    # Each returns the broker's answer, or raises BrokerRefused / BrokerUnavailable.
+    def submit(self, spec: P.TaskSpec, tenant: str, idempotency_key: str | None = None,
+               task_id: str | None = None) -> P.Accepted:
+        return self._expect(P.Accepted, lambda r: P.Submit(r, spec, tenant, task_id, idempotency_key))
+
+    def submit_batch(self, specs: list[P.TaskSpec], tenant: str) -> P.BatchAccepted:
+        return self._expect(P.BatchAccepted, lambda r: P.SubmitBatch(r, specs, tenant))
+
+    def query(self, task_id: str, tenant: str, all_tenants: bool = False) -> P.TaskInfo:
+        return self._expect(P.TaskInfo, lambda r: P.Query(r, task_id, tenant, all_tenants))
+
+    def cancel(self, task_id: str, tenant: str, all_tenants: bool = False) -> P.TaskInfo:
+        return self._expect(P.TaskInfo, lambda r: P.Cancel(r, task_id, tenant, all_tenants))
+
+    def ping(self) -> P.Pong:
+        return self._expect(P.Pong, lambda r: P.Ping(r))
+
+    def stats(self) -> P.Stats:
+        return self._expect(P.Stats, lambda r: P.GetStats(r))
+
+    def _expect(self, kind, make_msg):
+        reply = self.call(make_msg)
+        if isinstance(reply, P.Refused):
+            raise BrokerRefused(reply.code, reply.message)
+        if not isinstance(reply, kind):
+            raise BrokerUnavailable(f"the broker answered {type(reply).__name__}, not {kind.__name__}")
+        return reply
 
     # ------------------------------------------------------------------ calls
     def _dealer(self) -> zmq.Socket:

@@ -14,6 +14,7 @@ import falcon
 import msgspec
 
 from ..logs import exception_summary
+from .broker_client import BrokerRefused, BrokerUnavailable
 
 log = logging.getLogger("appliance.api")
 
@@ -38,6 +39,27 @@ class ApiError(falcon.HTTPError):
         self.code = code
         self.message = message
         self.details = details or {}
+
+
+# broker refusal code -> HTTP status
+_REFUSAL_STATUS = {
+    "not_found": 404,
+    "already_final": 409,
+    "invalid_field": 422,
+    "batch_too_large": 422,
+    "model_not_found": 404,
+    "queue_full": 429,
+    "storage_unavailable": 503,
+}
+
+
+def from_broker(exc: Exception) -> ApiError:
+    """A broker refusal (its code is ours) or a broker that did not answer, as HTTP."""
+    if isinstance(exc, BrokerRefused):
+        status = _REFUSAL_STATUS.get(exc.code, 400)
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return ApiError(status, exc.code, exc.message, headers=headers)
+    return ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "1"})
 
 
 def invalid_field(field: str, message: str) -> ApiError:
@@ -84,6 +106,8 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HT
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError):
         return handle_http_error(req, resp, exc, params)
+    if isinstance(exc, (BrokerRefused, BrokerUnavailable)):
+        return handle_http_error(req, resp, from_broker(exc), params)
     log.error("unhandled error on %s %s: %s", req.method, req.uri_template or req.path[:200],
               exception_summary(exc))
     req.context.error_code = "internal"

@@ -16,10 +16,10 @@ from .. import protocol as P
 QUIET_S = 0.5  # no event for this long: ask the broker directly
 
 
-def follow(api, task_id: str, deadline: float, owner: dict, watch=None) -> Iterator[tuple[str, object]]:
+def follow(api, task_id: str, deadline: float, owner, watch=None) -> Iterator[tuple[str, object]]:
     """Yield ("text", str) pieces, then one ("final", TaskRecord) or ("timeout", None).
 
-    `owner` is the caller's tenant scope (Api.owner), sent with every query.
+    `owner` is the caller's tenant scope (base.Owner), sent with every query.
     `watch` may be an already-open Watch (opened before the task was submitted);
     this generator closes it.
     """
@@ -32,7 +32,7 @@ def follow(api, task_id: str, deadline: float, owner: dict, watch=None) -> Itera
         while True:
             if need_query:
                 need_query = False
-                info = api.call(lambda r: P.Query(r, task_id, **owner))
+                info = client.query(task_id, *owner)
                 rec = info.task
                 if rec.state in P.FINAL_STATES:
                     text = rec.result.text if rec.result is not None else ""

@@ -114,7 +114,7 @@ class OpenAI:
         with self._lock:
             at, models = self._models
         if time.monotonic() - at > MODELS_CACHE_S:
-            models = self.api.call(lambda r: P.Ping(r)).models
+            models = self.api.broker().ping().models
             with self._lock:
                 self._models = (time.monotonic(), models)
         return models
@@ -141,7 +141,7 @@ class OpenAI:
         req.context.audit_ids = [task_id]
         watch = self.api.broker().watch(task_id)
         try:
-            self.api.call(lambda r: P.Submit(r, spec, tenant=req.context.principal.tenant, task_id=task_id))
+            self.api.broker().submit(spec, req.context.principal.tenant, task_id=task_id)
         except BaseException:
             watch.close()
             raise
@@ -157,7 +157,7 @@ class OpenAI:
             if kind == "final":
                 return self.check_final(value)
             if kind == "timeout":
-                self.api.call(lambda r: P.Cancel(r, task_id, **owner))
+                self.api.broker().cancel(task_id, *owner)
                 raise ApiError(504, "timeout", "the task did not finish in time")
         raise AssertionError("unreachable")
 
@@ -191,7 +191,7 @@ class OpenAI:
                     if include_usage:
                         yield sse_event(make_chunk(task_id, usage=_usage(res)))
                 else:
-                    self.api.call(lambda r: P.Cancel(r, task_id, **owner))
+                    self.api.broker().cancel(task_id, *owner)
                     yield sse_event({"error": {"code": "timeout", "message": "the task did not finish in time",
                                                "type": "task_failed"}})
             yield b"data: [DONE]\n\n"

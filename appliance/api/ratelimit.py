@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import re
 import struct
 import threading
 import time
 from pathlib import Path
 
 from .._shm import BucketTable
-from ..config import ConfigError
+from ..config import RateLimit
 
 MAGIC = b"APRL0002"
 SLOTS = 8192
@@ -29,28 +28,6 @@ HEADER = 64
 _MAGIC = struct.Struct("<8sQ")  # at offset 8, after the lock word (never written over: packing
                                # padding bytes would zero the lock under its holder)
 SIZE = HEADER + SLOTS * 24
-
-_RULE = re.compile(r"^\s*([a-z:]+)\s*=\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*:\s*(\d+)\s*$")
-_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_rate_limits(text: str) -> dict[str, tuple[float, int]]:
-    """"tasks:write=100/s:200,admin=10/m:5" -> {scope: (tokens per second, burst)}."""
-    from ..security import SCOPES
-
-    limits: dict[str, tuple[float, int]] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        m = _RULE.match(part)
-        if not m:
-            raise ConfigError(f"RATE_LIMITS: {part!r} is not SCOPE=RATE/UNIT:BURST (e.g. tasks:write=100/s:200)")
-        scope, rate, unit, burst = m.group(1), float(m.group(2)), m.group(3), int(m.group(4))
-        if scope not in SCOPES:
-            raise ConfigError(f"RATE_LIMITS: unknown scope {scope!r}; known: {', '.join(SCOPES)}")
-        if rate <= 0 or burst < 1:
-            raise ConfigError(f"RATE_LIMITS: {part!r}: the rate must be > 0 and the burst >= 1")
-        limits[scope] = (rate / _PER[unit], burst)
-    return limits
-
 
 def prepare(path: Path) -> None:
     """Create (or reset) the bucket file; the API's master process does this before forking."""
@@ -63,7 +40,7 @@ def prepare(path: Path) -> None:
 
 
 class RateLimiter:
-    def __init__(self, path: Path, limits: dict[str, tuple[float, int]]):
+    def __init__(self, path: Path, limits: dict[str, RateLimit]):
         self.path = path
         self.limits = limits
         self._pid = -1
@@ -98,9 +75,8 @@ class RateLimiter:
         limit = self.limits.get(scope)
         if limit is None:
             return 0.0
-        rate, burst = limit
         key = self._key(subject, scope)
         with self._lock:
             if self._pid != os.getpid():
                 self._open()
-            return self._table.take(key, rate, burst, time.monotonic() if now is None else now)
+            return self._table.take(key, limit.per_s, limit.burst, time.monotonic() if now is None else now)

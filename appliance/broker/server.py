@@ -1,23 +1,22 @@
 """The broker: sole owner of queue and task state, one mediate loop.
 
 Shape (after the ZeroMQ guide's Majordomo): a ROUTER for clients (the API workers),
-a ROUTER for model workers (the launchers), a SUB for GPU telemetry. Each loop
-iteration drains every ready message without blocking, commits the journal once for
-all of them (group commit), then acknowledges the submits, dispatches to workers that
-have credit, and fires due timers (deadlines, result expiry, heartbeats). Nothing
-here blocks except the poll.
+a ROUTER for workers (the launchers), a SUB for GPU telemetry, a PUB for task events.
+Each loop iteration drains every ready message without blocking, handing each to the
+handler of its kind; then fires due timers (deadlines, result expiry), dispatches to
+workers with credit, commits the journal once for the whole batch (group commit), and
+only then acknowledges the submits and cancels of that batch. Nothing here blocks
+except the poll.
+
+The state lives in three parts with no sockets: the task table (tasks.py), the
+worker pool (pool.py) and the figures with the health rule (stats.py).
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import signal
 import time
-import uuid
-from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 
 from .. import protocol as P
@@ -26,47 +25,16 @@ from ..logs import exception_summary
 from ..store.journal import SqliteJournal
 from ._pqueue import PriorityQueue, QueueFull
 from .outbox import Outbox
+from .pool import Worker, WorkerPool
+from .stats import HealthInput, StatsBook, health
+from .tasks import Task, TaskTable
 
 log = logging.getLogger("appliance.broker")
 
 # A task whose worker vanished is requeued this many times, then failed `worker_lost`.
 MAX_REQUEUES = 1
-# How many recent dispatches the latency percentiles are computed over.
-DISPATCH_WINDOW = 1000
-# Recently finished records kept in memory, so that polling clients rarely hit SQLite.
-FINISHED_CACHE = 10_000
 # How often results past their TTL are dropped from the journal.
 EXPIRE_EVERY_S = 1.0
-
-
-@dataclass(slots=True)
-class Task:
-    seq: int
-    record: P.TaskRecord
-    spec: P.TaskSpec
-    deadline: float
-    requeues: int = 0
-    idem: str | None = None                         # tenant + NUL + idempotency key
-    text: list[str] = field(default_factory=list)  # generated so far (Tokens)
-    tokens_seq: int = 0
-
-
-@dataclass(slots=True)
-class Worker:
-    identity: bytes
-    name: str
-    model: str
-    slots: int
-    endpoint: str
-    credit: int = 0
-    last_seen: float = 0.0
-    running: set[str] = field(default_factory=set)
-
-
-def _pct(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return 0.0
-    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
 
 
 class Broker:
@@ -89,58 +57,35 @@ class Broker:
         self.telemetry.setsockopt(zmq.SUBSCRIBE, P.TELEMETRY_TOPIC)
         self.telemetry.connect(settings.telemetry_endpoint)
 
-        self.queue = PriorityQueue(len(P.PRIORITIES), settings.queue_max_size, settings.queue_aging_s)
-        self.journal = SqliteJournal(journal_path or settings.journal_path)
-        self.tasks: dict[str, Task] = {}           # live tasks only: queued or running
-        self.by_seq: dict[int, str] = {}           # queued tasks, in arrival order
-        self.finished: OrderedDict[str, P.TaskRecord] = OrderedDict()  # recent final records
-        self.idem: dict[str, str] = {}              # idempotency keys of live tasks -> task id
-        self._idem_release: list[str] = []
-        self.workers: dict[bytes, Worker] = {}
-        self.next_seq = 1
+        queue = PriorityQueue(len(P.PRIORITIES), settings.queue_max_size, settings.queue_aging_s)
+        self.table = TaskTable(SqliteJournal(journal_path or settings.journal_path), queue,
+                               settings.result_ttl_s, settings.result_tombstone_s)
+        self.pool = WorkerPool(settings.worker_liveness_s)
+        self.book = StatsBook()
         self.gpu_state = "unknown"
-        self._deadlines: list[tuple[float, int, str]] = []  # (deadline, seq, task_id), lazily pruned
+        self._acks: list[tuple[bytes, bytes]] = []             # replies that wait for the commit
+        self._unacked: list[tuple[bytes, int, list[str]]] = []  # submits in this batch
         self._next_expire = 0.0
-        self._acks: list[tuple[bytes, bytes]] = []
-        self._unacked: list[tuple[bytes, int, list[str]]] = []
-        self._dispatch_ms: deque[float] = deque(maxlen=DISPATCH_WINDOW)
-        self._finished_at: deque[float] = deque()
-        self._finished = Counter()
-        self._last_progress = time.monotonic()
-        self.workers_dropped = 0  # for silence (not for leaving or re-registering)
-        self._running = True
         self._next_heartbeat = 0.0
+        self._running = True
+        self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
+                                P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
+                                P.GetStats: self.on_stats}
         self._recover()
 
-    # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Rebuild the queue from the journal; tasks that were running go back in line."""
-        self.next_seq = self.journal.max_seq() + 1
-        requeued = 0
-        for seq, rec, spec, idem in self.journal.load_live():
-            task = Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem)
-            self.tasks[rec.task_id] = task
-            if idem:
-                self.idem[idem] = rec.task_id
-            if rec.state == "running":
-                rec.state, rec.started_at, rec.worker = "queued", None, None
-                requeued += 1
-            self.by_seq[seq] = rec.task_id
-            heapq.heappush(self._deadlines, (task.deadline, seq, rec.task_id))
-            try:
-                self.queue.push(seq, P.LEVEL[rec.priority], rec.created_at, rec.tenant)
-            except QueueFull:  # QUEUE_MAX_SIZE was lowered below what the journal holds
-                self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
-        self.journal.commit()
-        if self.tasks:
-            log.info("recovered %d live tasks from the journal (%d were running)", len(self.tasks), requeued)
+        live, was_running, refused = self.table.recover()
+        for task in refused:
+            self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
+        self.table.commit()
+        if live:
+            log.info("recovered %d live tasks from the journal (%d were running)", live, was_running)
 
     # ------------------------------------------------------------- main loop
     def run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
-        poller.register(self.telemetry, zmq.POLLIN)
+        for sock in (self.front, self.back, self.telemetry):
+            poller.register(sock, zmq.POLLIN)
         log.info("broker up: front=%s back=%s", self.s.broker_front, self.s.broker_back)
         while self._running:
             ready = dict(poller.poll(self._poll_timeout_ms()))
@@ -149,7 +94,7 @@ class Broker:
             if self.back in ready:
                 self._drain(self.back, self._on_back)
             if self.telemetry in ready:
-                self._drain_telemetry()
+                self._drain(self.telemetry, self._on_telemetry)
             self._fire_timers()
             # Dispatch first: the worker starts while the journal fsyncs. Acks still wait
             # for the commit, so a crash here loses no acknowledged task; at worst a task
@@ -158,7 +103,7 @@ class Broker:
             self._commit_and_ack()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
-            self._commit_and_ack()
+                self._commit_and_ack()
             self.outbox.flush()
         self.close()
 
@@ -166,18 +111,19 @@ class Broker:
         if self.outbox.pending:
             return 1  # replies wait for a slow reader: try again soon
         wait = self._next_heartbeat - time.monotonic()
-        if self._deadlines:
-            wait = min(wait, self._deadlines[0][0] - time.time())
+        deadline = self.table.next_deadline()
+        if deadline is not None:
+            wait = min(wait, deadline - time.time())
         return max(0, int(wait * 1000) + 1)
 
     def stop(self, *_: object) -> None:
         self._running = False
 
     def close(self) -> None:
-        for w in self.workers.values():
+        for w in self.pool:
             self._send_worker(w.identity, P.Disconnect())
-        self.journal.commit()
-        self.journal.close()
+        self.table.commit()
+        self.table.journal.close()
         for sock in (self.front, self.back, self.telemetry, self.events):
             sock.close(0)
 
@@ -197,70 +143,37 @@ class Broker:
             except Exception as exc:  # a bug must cost one message, not the broker
                 log.error("message handling failed; message dropped: %s", exception_summary(exc))
 
-    def _drain_telemetry(self) -> None:
-        while True:
-            try:
-                frames = self.telemetry.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                t = P.telemetry.decode(frames[-1])
-            except Exception:
-                log.warning("undecodable telemetry dropped")
-                continue
-            self.gpu_state = "cpu_only" if t.cpu_only else "gpu"
+    def _on_telemetry(self, topic: bytes, payload: bytes) -> None:
+        try:
+            t = P.telemetry.decode(payload)
+        except Exception:
+            log.warning("undecodable telemetry dropped")
+            return
+        self.gpu_state = "cpu_only" if t.cpu_only else "gpu"
 
-    # ------------------------------------------------------------------ timers
     def _fire_timers(self) -> None:
         """Deadlines: a queued task past its own expires, a running one is aborted."""
         now = time.time()
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, seq, task_id = heapq.heappop(heap)
-            task = self.tasks.get(task_id)
-            if task is None or task.seq != seq:
-                continue  # finished before its deadline
+        for task in list(self.table.past_deadline(now)):
             if task.record.state == "queued":
-                self.queue.cancel(seq)
                 self._finish(task, "expired", error=P.TaskError("deadline", "expired before it could run"))
             else:
                 self._abort_running(task, "timeout")
                 self._finish(task, "failed",
                              error=P.TaskError("timeout", f"did not finish within {task.spec.timeout_s:g}s"))
-        # Entries of tasks that finished early stay until their deadline; rebuild the
-        # heap when they outnumber the live ones, so memory follows the live tasks.
-        if len(heap) > 4 * len(self.tasks) + 1024:
-            self._deadlines = [(t.deadline, t.seq, tid) for tid, t in self.tasks.items()]
-            heapq.heapify(self._deadlines)
         if now >= self._next_expire:
             self._next_expire = now + EXPIRE_EVERY_S
-            ttl = self.s.result_ttl_s
             try:
-                self.journal.expire(now - ttl, now - ttl - self.s.result_tombstone_s)
+                self.table.expire(now)
             except Exception as exc:  # a full disk must not stop the queue
                 log.error("expiring old results failed: %s", exc)
-
-    def _lookup(self, task_id: str) -> P.TaskRecord | None:
-        """A task's record wherever it is: live, recently finished, or in the journal."""
-        task = self.tasks.get(task_id)
-        if task is not None:
-            return task.record
-        # Every record this loop finished is in the cache; the journal holds older ones.
-        rec = self.finished.get(task_id)
-        if rec is None:
-            rec = self.journal.get(task_id)
-        if rec is None:
-            return None
-        now = time.time()
-        if rec.finished_at is not None and now - rec.finished_at > self.s.result_ttl_s:
-            if now - rec.finished_at > self.s.result_ttl_s + self.s.result_tombstone_s:
-                return None
-            rec = msgspec.structs.replace(rec, result=None, result_expired=True)
-        return rec
 
     # ----------------------------------------------------------------- clients
     def _reply(self, identity: bytes, msg) -> None:
         self.outbox.send(identity, P.encode(msg))
+
+    def _reply_after_commit(self, identity: bytes, msg) -> None:
+        self._acks.append((identity, P.encode(msg)))
 
     def _on_front(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -268,48 +181,32 @@ class Broker:
         except Exception:
             log.warning("undecodable client message dropped")
             return
-        if isinstance(msg, P.Submit):
-            self._on_single_submit(identity, msg)
-        elif isinstance(msg, P.SubmitBatch):
-            self._on_submit(identity, msg.req, msg.specs, msg.tenant, batch=True)
-        elif isinstance(msg, P.Query):
-            rec = self._lookup(msg.task_id)
-            if rec is None or not (msg.all_tenants or rec.tenant == msg.tenant):
-                self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
-            else:
-                task = self.tasks.get(msg.task_id)
-                info = P.TaskInfo(msg.req, rec)
-                if task is not None and rec.state == "queued":
-                    info.position = self.queue.position(task.seq)
-                elif task is not None and rec.state == "running":
-                    info.text_so_far, info.tokens_seq = "".join(task.text), task.tokens_seq
-                self._reply(identity, info)
-        elif isinstance(msg, P.Cancel):
-            self._on_cancel(identity, msg)
-        elif isinstance(msg, P.Ping):
-            ready = sum(1 for w in self.workers.values() if w.slots > 0)
-            running = sum(len(w.running) for w in self.workers.values())
-            models = sorted({w.model for w in self.workers.values()})
-            self._reply(identity, P.Pong(msg.req, ready, len(self.queue), running, self.gpu_state, models))
-        elif isinstance(msg, P.GetStats):
-            self._reply(identity, self._stats(msg.req))
+        self._front_handlers[type(msg)](identity, msg)
 
-    def _on_single_submit(self, identity: bytes, msg: P.Submit) -> None:
+    def _visible(self, task_id: str, tenant: str, all_tenants: bool) -> P.TaskRecord | None:
+        """The record, unless it belongs to another tenant (then, like an unknown id: None)."""
+        rec = self.table.lookup(task_id)
+        return rec if rec is not None and (all_tenants or rec.tenant == tenant) else None
+
+    def on_submit(self, identity: bytes, msg: P.Submit) -> None:
         idem = f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key is not None else None
         if idem is not None:
-            earlier = self.idem.get(idem) or self.journal.find_idempotent(idem)
-            if earlier is not None and (rec := self._lookup(earlier)) is not None:
+            earlier = self.table.idempotent(idem)
+            if earlier is not None and (rec := self.table.lookup(earlier)) is not None:
                 # after this loop's commit, like the original's ack: it may be in the same batch
-                self._acks.append((identity, P.encode(P.Accepted(msg.req, earlier, rec.state))))
+                self._reply_after_commit(identity, P.Accepted(msg.req, earlier, rec.state))
                 return
-        if msg.task_id is not None and (len(msg.task_id) != 32 or self._lookup(msg.task_id) is not None):
+        if msg.task_id is not None and (len(msg.task_id) != 32 or self.table.lookup(msg.task_id) is not None):
             self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
             return
-        self._on_submit(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
+        self._accept(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
 
-    def _on_submit(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
-                   task_id: str | None = None, idem: str | None = None) -> None:
-        """Queue one task or a whole batch; a batch is atomic: all or none."""
+    def on_submit_batch(self, identity: bytes, msg: P.SubmitBatch) -> None:
+        self._accept(identity, msg.req, msg.specs, msg.tenant, batch=True)
+
+    def _accept(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
+                task_id: str | None = None, idem: str | None = None) -> None:
+        """Queue one task or a whole batch (atomic: all or none); the ack waits for the commit."""
         for i, spec in enumerate(specs):
             problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
             if problem is not None:
@@ -319,45 +216,22 @@ class Broker:
         if batch and len(specs) > self.s.max_batch:
             self._reply(identity, P.Refused(req, "batch_too_large", f"at most {self.s.max_batch} tasks per batch"))
             return
-        free = self.s.queue_max_size - len(self.queue)
-        if len(specs) > free:
+        if len(specs) > (free := self.table.room()):
             self._reply(identity, P.Refused(
                 req, "queue_full", f"{len(specs)} tasks do not fit: {free} of {self.s.queue_max_size} places free"))
             return
         now = time.time()
-        ids = []
-        for spec in specs:
-            seq = self.next_seq
-            self.next_seq += 1
-            self.queue.push(seq, P.LEVEL[spec.priority], now, tenant)  # room was checked above
-            task_id = task_id or uuid.uuid4().hex
-            rec = P.TaskRecord(task_id=task_id, state="queued", type=spec.type, priority=spec.priority,
-                               created_at=now, tenant=tenant)
-            task = Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem)
-            self.tasks[task_id] = task
-            self.by_seq[seq] = task_id
-            if idem:
-                self.idem[idem] = task_id
-            heapq.heappush(self._deadlines, (task.deadline, seq, task_id))
-            self.journal.write(seq, rec, spec, idem)
-            ids.append(task_id)
-            task_id = None
-        # Acknowledged only after the journal commit of this loop iteration.
-        reply = P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued")
-        self._acks.append((identity, P.encode(reply)))
+        ids = [self.table.add(spec, tenant, now, task_id if not batch else None, idem).task_id for spec in specs]
+        self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
         self._unacked.append((identity, req, ids))
 
     def _commit_and_ack(self) -> None:
         try:
-            self.journal.commit()
+            self.table.commit()
         except Exception as exc:
             log.error("journal commit failed: %s; refusing %d submits", exc, len(self._unacked))
             for identity, req, ids in self._unacked:
-                for task_id in ids:
-                    task = self.tasks.pop(task_id, None)
-                    if task is not None:
-                        self.queue.cancel(task.seq)
-                        self.by_seq.pop(task.seq, None)
+                self.table.forget(ids)
                 self._reply(identity, P.Refused(req, "storage_unavailable", "the journal could not be written"))
             self._acks.clear()
             self._unacked.clear()
@@ -366,70 +240,56 @@ class Broker:
             self.outbox.send(identity, payload)
         self._acks.clear()
         self._unacked.clear()
-        for idem in self._idem_release:
-            self.idem.pop(idem, None)
-        self._idem_release.clear()
 
-    def _on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
-        task = self.tasks.get(msg.task_id)
-        if task is not None and not (msg.all_tenants or task.record.tenant == msg.tenant):
+    def on_query(self, identity: bytes, msg: P.Query) -> None:
+        rec = self._visible(msg.task_id, msg.tenant, msg.all_tenants)
+        if rec is None:
             self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
             return
-        if task is None:
-            rec = self._lookup(msg.task_id)
-            if rec is None or not (msg.all_tenants or rec.tenant == msg.tenant):
-                self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
-            else:
-                self._reply(identity, P.Refused(msg.req, "already_final", f"the task is already {rec.state}"))
-            return
-        rec = task.record
-        if rec.state == "queued":
-            self.queue.cancel(task.seq)
-        else:
-            self._abort_running(task, "cancelled")
-        self._finish(task, "cancelled", error=P.TaskError("cancelled", "cancelled by request"))
-        # the reply waits for the journal commit, like a submit's
-        self._acks.append((identity, P.encode(P.TaskInfo(msg.req, rec))))
+        info = P.TaskInfo(msg.req, rec)
+        task = self.table.get(msg.task_id)
+        if task is not None and rec.state == "queued":
+            info.position = self.table.position(task)
+        elif task is not None and rec.state == "running":
+            info.text_so_far, info.tokens_seq = "".join(task.text), task.tokens_seq
+        self._reply(identity, info)
 
-    def _stats(self, req: int) -> P.Stats:
-        now, mono = time.time(), time.monotonic()
-        while self._finished_at and self._finished_at[0] < mono - 60:
-            self._finished_at.popleft()
-        lat = sorted(self._dispatch_ms)
-        queued = len(self.queue)
-        oldest = 0.0
-        for task_id in self.by_seq.values():  # arrival order: the first is the oldest
-            oldest = now - self.tasks[task_id].record.created_at
-            break
-        since = mono - self._last_progress
-        health, reason = "healthy", ""
-        if queued and not self.workers:
-            health, reason = "stalled", "tasks are queued and no model instance is registered"
-        elif queued and since > self.s.health_stall_s:
-            health, reason = "stalled", f"tasks are queued and nothing progressed for {since:.0f}s"
-        elif queued >= 0.8 * self.s.queue_max_size:
-            health, reason = "backing_up", f"queue at {queued}/{self.s.queue_max_size}"
-        elif oldest > self.s.health_backlog_wait_s:
-            health, reason = "backing_up", f"oldest queued task waited {oldest:.0f}s"
-        return P.Stats(
-            req=req,
-            depth={name: self.queue.depth(level) for name, level in P.LEVEL.items()},
-            queued=queued,
-            running=sum(len(w.running) for w in self.workers.values()),
-            max_size=self.s.queue_max_size,
-            workers=[P.WorkerStats(w.name, w.model, w.endpoint, w.slots, len(w.running), w.credit)
-                     for w in self.workers.values()],
-            dispatch_p50_ms=_pct(lat, 50), dispatch_p95_ms=_pct(lat, 95), dispatch_p99_ms=_pct(lat, 99),
-            completed_per_min=float(len(self._finished_at)),
-            finished=dict(self._finished),
-            oldest_queued_s=oldest,
-            last_progress_s=since,
-            health=health,
-            health_reason=reason,
-            replies_deferred=self.outbox.deferred,
-            replies_undeliverable=self.outbox.undeliverable,
-            workers_dropped=self.workers_dropped,
-        )
+    def on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
+        rec = self._visible(msg.task_id, msg.tenant, msg.all_tenants)
+        task = self.table.get(msg.task_id)
+        if rec is None:
+            self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
+        elif task is None:
+            self._reply(identity, P.Refused(msg.req, "already_final", f"the task is already {rec.state}"))
+        else:
+            if rec.state == "running":
+                self._abort_running(task, "cancelled")
+            rec = self._finish(task, "cancelled", error=P.TaskError("cancelled", "cancelled by request"))
+            self._reply_after_commit(identity, P.TaskInfo(msg.req, rec))  # like a submit's ack
+
+    def on_ping(self, identity: bytes, msg: P.Ping) -> None:
+        ready = sum(1 for w in self.pool if w.slots > 0)
+        self._reply(identity, P.Pong(msg.req, ready, len(self.table.queue), self.pool.running_total(),
+                                     self.gpu_state, self.pool.models()))
+
+    def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
+        queue, book = self.table.queue, self.book
+        oldest = self.table.oldest_queued()
+        oldest_s = time.time() - oldest.record.created_at if oldest is not None else 0.0
+        state, reason = health(HealthInput(
+            queued=len(queue), workers=len(self.pool), since_progress_s=book.since_progress(),
+            oldest_queued_s=oldest_s, max_size=self.s.queue_max_size, stall_s=self.s.health_stall_s,
+            backlog_wait_s=self.s.health_backlog_wait_s))
+        p50, p95, p99 = book.dispatch_percentiles()
+        self._reply(identity, P.Stats(
+            req=msg.req,
+            depth={name: queue.depth(level) for name, level in P.LEVEL.items()},
+            queued=len(queue), running=self.pool.running_total(), max_size=self.s.queue_max_size,
+            workers=self.pool.view(), dispatch_p50_ms=p50, dispatch_p95_ms=p95, dispatch_p99_ms=p99,
+            completed_per_min=float(book.per_minute()), finished=dict(book.final_states),
+            oldest_queued_s=oldest_s, last_progress_s=book.since_progress(), health=state, health_reason=reason,
+            replies_deferred=self.outbox.deferred, replies_undeliverable=self.outbox.undeliverable,
+            workers_dropped=self.pool.dropped))
 
     # ----------------------------------------------------------------- workers
     def _send_worker(self, identity: bytes, msg) -> None:
@@ -439,10 +299,9 @@ class Broker:
             log.debug("send to worker failed: %s", exc)
 
     def _abort_running(self, task: Task, reason: str) -> None:
-        for worker in self.workers.values():
-            if task.record.task_id in worker.running:
-                worker.running.discard(task.record.task_id)
-                self._send_worker(worker.identity, P.Abort(task.record.task_id, reason))
+        worker = self.pool.release(task.task_id)
+        if worker is not None:
+            self._send_worker(worker.identity, P.Abort(task.task_id, reason))
 
     def _on_back(self, identity: bytes, payload: bytes) -> None:
         try:
@@ -451,29 +310,24 @@ class Broker:
             log.warning("undecodable worker message dropped")
             return
         now = time.monotonic()
-        worker = self.workers.get(identity)
+        worker = self.pool.get(identity)
         if isinstance(msg, P.Ready):
-            self._on_ready(identity, worker, msg, now)
+            self.on_ready(identity, msg, now)
             return
         if isinstance(msg, P.Tokens):
-            task = self.tasks.get(msg.task_id)
-            if task is not None and task.record.state == "running":
-                task.text.append(msg.text)
-                task.tokens_seq = msg.seq
-                self.events.send_multipart([msg.task_id.encode(), payload])
+            self.on_tokens(msg, payload)
         elif isinstance(msg, P.Done):
-            self._on_done(worker, msg)  # a result is kept even from an unknown worker
+            self.on_done(worker, msg)  # a result is kept even from an unknown worker
         if worker is None:
-            # We restarted (or dropped it): ask it to register again.
-            self._send_worker(identity, P.Disconnect())
+            self._send_worker(identity, P.Disconnect())  # we restarted (or dropped it): register again
             return
-        worker.last_seen = now
+        self.pool.seen(worker, now)
         if isinstance(msg, P.Credit):
-            worker.credit = min(worker.slots - len(worker.running), worker.credit + max(0, msg.n))
+            self.pool.add_credit(worker, msg.n)
         elif isinstance(msg, P.Disconnect):
-            self._drop_worker(worker, "disconnected")
+            self._drop(worker, "disconnected")
 
-    def _on_ready(self, identity: bytes, old: Worker | None, msg: P.Ready, now: float) -> None:
+    def on_ready(self, identity: bytes, msg: P.Ready, now: float) -> None:
         """Register a worker; what it says it still runs stays its own.
 
         A worker re-registers after it reconnected (it found us silent) or after we
@@ -481,120 +335,85 @@ class Broker:
         stay with it, and after a broker restart (when the journal's running tasks came
         back queued) it claims them back, so none runs twice. A task it runs that is
         final by now (cancelled, timed out while it was away) is aborted there."""
-        new = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, last_seen=now)
-        still = set(msg.running)
-        if old is not None:
-            new.running = old.running & still
-            old.running -= new.running
-            self._drop_worker(old, "re-registered")
+        worker, lost = self.pool.register(identity, msg, now)
+        self._requeue(lost, msg.worker, "re-registered")
         wall = time.time()
-        for task_id in still - new.running:
-            task = self.tasks.get(task_id)
-            if task is None:
+        for task_id in set(msg.running) - worker.running:
+            task = self.table.get(task_id)
+            if task is None or task.record.state != "queued":  # final, or running elsewhere: stop this copy
                 self._send_worker(identity, P.Abort(task_id, "cancelled"))
                 continue
-            rec = task.record
-            if rec.state == "queued":
-                self.queue.cancel(task.seq)
-                self.by_seq.pop(task.seq, None)
-            else:  # running on another worker: the duplicate is stopped, the first one goes on
-                self._send_worker(identity, P.Abort(task_id, "cancelled"))
-                continue
-            rec.state, rec.worker = "running", msg.worker
-            rec.started_at = rec.started_at or wall
-            new.running.add(task_id)
-            self.journal.write(task.seq, rec)
-        self.workers[identity] = new
+            self.table.unqueue(task)
+            self.table.start(task, worker.name, task.record.started_at or wall)
+            worker.running.add(task_id)
+            self.table.journal.write(task.seq, task.record)
         log.info("worker %s ready: model=%s slots=%d at %s; %d running tasks kept", msg.worker, msg.model,
-                 msg.slots, msg.endpoint, len(new.running))
+                 msg.slots, msg.endpoint, len(worker.running))
 
-    def _on_done(self, worker: Worker | None, msg: P.Done) -> None:
-        task = self.tasks.get(msg.task_id)
+    def on_tokens(self, msg: P.Tokens, payload: bytes) -> None:
+        task = self.table.get(msg.task_id)
+        if task is not None and task.record.state == "running":
+            task.text.append(msg.text)
+            task.tokens_seq = msg.seq
+            self.events.send_multipart([msg.task_id.encode(), payload])
+
+    def on_done(self, worker: Worker | None, msg: P.Done) -> None:
         if worker is not None:
             worker.running.discard(msg.task_id)
+        task = self.table.get(msg.task_id)
         if task is None:  # already final (cancelled, timed out) or unknown
             return
-        if task.record.state == "queued":  # finished elsewhere after a requeue
-            self.queue.cancel(task.seq)
         if msg.error is None and msg.result is not None:
-            self._finish(task, "completed", result=msg.result)
+            self._finish(task, "completed", result=msg.result)  # (from a former worker after a requeue too)
         else:
             self._finish(task, "failed", error=msg.error or P.TaskError("worker_error", "no result"))
 
-    def _finish(self, task: Task, state: str, result=None, error=None) -> None:
-        rec = task.record
-        rec.state = state
-        rec.finished_at = time.time()
-        rec.result = result
-        rec.error = error
-        self.by_seq.pop(task.seq, None)
-        del self.tasks[rec.task_id]
-        if task.idem:  # forgotten here once the journal has it (after this loop's commit)
-            self._idem_release.append(task.idem)
+    def _finish(self, task: Task, state: str, result=None, error=None) -> P.TaskRecord:
+        rec = self.table.finish(task, state, result, error)
         self.events.send_multipart([rec.task_id.encode(), P.encode(P.Final(rec))])
-        self.finished[rec.task_id] = rec
-        if len(self.finished) > FINISHED_CACHE:
-            self.finished.popitem(last=False)
-        self.journal.write(task.seq, rec)
-        self._finished[state] += 1
-        self._finished_at.append(time.monotonic())
-        self._last_progress = time.monotonic()
+        self.book.finished(state)
+        return rec
 
-    def _drop_worker(self, worker: Worker, why: str) -> None:
-        self.workers.pop(worker.identity, None)
-        log.warning("worker %s dropped (%s); %d running tasks affected", worker.name, why, len(worker.running))
-        for task_id in worker.running:
-            task = self.tasks.get(task_id)
+    def _drop(self, worker: Worker, why: str) -> None:
+        running = self.pool.remove(worker)
+        log.warning("worker %s dropped (%s); %d running tasks affected", worker.name, why, len(running))
+        self._requeue(running, worker.name, why)
+
+    def _requeue(self, task_ids: set[str], worker_name: str, why: str) -> None:
+        """Tasks of a lost worker go back in line, once; a second loss fails them."""
+        for task_id in task_ids:
+            task = self.table.get(task_id)
             if task is None:
                 continue
             if task.requeues >= MAX_REQUEUES:
-                self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker.name} lost twice"))
+                self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker_name} lost twice"))
                 continue
-            task.requeues += 1
-            task.text.clear()
-            task.tokens_seq = 0
-            rec = task.record
-            rec.state, rec.started_at, rec.worker = "queued", None, None
-            self.by_seq[task.seq] = task_id
             try:
-                # back in line at its priority, with its original arrival time
-                self.queue.push(task.seq, P.LEVEL[rec.priority], rec.created_at, rec.tenant)
+                self.table.requeue(task)
             except QueueFull:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", "requeue refused: queue full"))
-                continue
-            self.journal.write(task.seq, rec)
 
     def _dispatch(self) -> None:
-        if not self.queue or not self.workers:
+        if not self.table.queue or not len(self.pool):
             return
         now = time.time()
-        for worker in sorted(self.workers.values(), key=lambda w: -w.credit):
+        for worker in self.pool.by_free_credit():
             while worker.credit > 0:
-                seq = self.queue.pop(now)
-                if seq < 0:
-                    return
-                task_id = self.by_seq.pop(seq, None)
-                task = self.tasks.get(task_id) if task_id else None
+                task = self.table.next_queued(now)
                 if task is None:
-                    continue
-                rec = task.record
-                rec.state, rec.started_at, rec.worker = "running", now, worker.name
-                worker.credit -= 1
-                worker.running.add(task_id)
-                self._dispatch_ms.append((now - rec.created_at) * 1000)
-                self._last_progress = time.monotonic()
-                self._send_worker(worker.identity, P.Dispatch(task_id, task.spec, task.deadline))
+                    return
+                self.table.start(task, worker.name, now)
+                self.pool.assign(worker, task.task_id)
+                self.book.dispatched(now - task.record.created_at)
+                self._send_worker(worker.identity, P.Dispatch(task.task_id, task.spec, task.deadline))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
         self._next_heartbeat = now + P.HEARTBEAT_INTERVAL_S
-        horizon = now - self.s.worker_liveness_s
-        for worker in list(self.workers.values()):
-            if worker.last_seen < horizon:
-                self.workers_dropped += 1
-                self._drop_worker(worker, f"silent for {now - worker.last_seen:.1f}s")
-            else:
-                self._send_worker(worker.identity, P.Heartbeat())
+        for worker in self.pool.silent(now):
+            self._drop(worker, f"silent for {now - worker.last_seen:.1f}s")
+        for worker in self.pool:
+            self._send_worker(worker.identity, P.Heartbeat())
 
 
 def main(settings: Settings) -> None:
