@@ -38,6 +38,15 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
+def _instances(s):
+    """The instances file, checked (ConfigError names the key), with its files present."""
+    from . import instances
+
+    found = instances.load(s)
+    instances.check_files(found)
+    return found
+
+
 def cmd_up(args) -> None:
     # var/ holds clinical data and metadata (journal, logs, audit log, keys, sockets):
     # owner only. supervisord applies its own `umask` setting only when it daemonizes.
@@ -47,6 +56,16 @@ def cmd_up(args) -> None:
         print(f"appliance: WARNING: {warning}", file=sys.stderr, flush=True)
     ensure_dirs(s)
     conf = _conf(s.home)
+    from .ops import supervisor
+
+    found = _instances(s)
+    supervisor.write_programs(s, found)
+    supervisor.record_applied(s, found)
+    for stale in Path(s.run_dir).glob("*.starts"):  # restart counts are per run of the appliance
+        stale.unlink()
+    print("appliance: instances: " + ", ".join(f"{i.name} ({i.alias}, {i.slots} slots, "
+                                               f"{f'GPU {i.gpu}' if i.gpu >= 0 else 'CPU'})" for i in found),
+          flush=True)
     env = _env_with_venv()
     env["APPLIANCE_HOME"] = str(s.home)
     print(f"appliance: starting supervisord ({conf}); API on http://{s.api_host}:{s.api_port}", flush=True)
@@ -63,6 +82,23 @@ def _ctl(*words: str) -> None:
 
 def cmd_down(args) -> None:
     _ctl("shutdown")
+
+
+def cmd_reload(args) -> None:
+    """Apply an edited instances file: new instances start, removed ones stop, changed
+    ones restart, the others go on untouched."""
+    import xmlrpc.client
+
+    from .ops import supervisor
+
+    s = load_settings()
+    found = _instances(s)
+    try:
+        report = supervisor.reload(s, found)
+    except (OSError, xmlrpc.client.Fault) as exc:
+        sys.exit(f"appliance: reload failed (is the appliance running? `appliance status`): {exc}")
+    for what in ("added", "removed", "restarted", "unchanged"):
+        print(f"{what}: {', '.join(report[what]) or '-'}")
 
 
 def cmd_status(args) -> None:
@@ -129,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("up", help="run every process under supervisord (foreground; Ctrl-C stops all)").set_defaults(
         fn=cmd_up)
     sub.add_parser("down", help="stop a running appliance").set_defaults(fn=cmd_down)
+    sub.add_parser("reload", help="apply an edited instances file: add, remove or restart only the instances "
+                                  "that changed").set_defaults(fn=cmd_reload)
     sub.add_parser("status", help="supervisorctl status of every program").set_defaults(fn=cmd_status)
     sub.add_parser("config", help="print the effective settings").set_defaults(fn=cmd_config)
     i = sub.add_parser("init", help="write .env with generated secrets (mode 0600); keeps existing good ones")

@@ -87,6 +87,9 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     worker_liveness_s: Annotated[float, Meta(ge=2.0, le=300.0)] = 10.0
     health_backlog_wait_s: Annotated[float, Meta(gt=0)] = 30.0
 
+    instances_file: str = ""  # TOML (appliance/instances.py); default: instances.toml in the home, if there
+    llama_instances: Annotated[int, Meta(ge=1, le=64)] = 3  # instances of MODEL_PATH when there is no file
+    default_model: str = ""   # the model of a task that names none; default: the first instance's
     model_path: str = ""
     model_alias: str = ""
     llama_server_bin: str = ""
@@ -97,6 +100,13 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     llama_threads: Annotated[int, Meta(ge=1)] = 1
     llama_gpu_layers: Annotated[int, Meta(ge=0)] = 0
     llama_start_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+
+    # routing (README, "Routing"; appliance/broker/routing.py)
+    affinity_slack: Annotated[int, Meta(ge=0, le=1000)] = 1  # running tasks a conversation's instance may
+                                                              # have beyond the least busy one and keep it
+    critical_max_wait_ms: Annotated[float, Meta(ge=0)] = 1000.0  # then preempt lower work; 0: never
+    gpu_throttle_c: Annotated[float, Meta(gt=0, le=120)] = 85.0  # an instance's GPU this hot: no new work
+    gpu_resume_c: Annotated[float, Meta(gt=0, le=120)] = 80.0    # ... until it cools below this
 
     gpumon_interval_s: Annotated[float, Meta(gt=0)] = 2.0
     nvml_samples: str = ""
@@ -216,6 +226,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc).replace("`$.", "`")) from None
     parse_rate_limits(s.rate_limits)  # a typo is refused at start, naming the part, in every process
+    if s.gpu_resume_c > s.gpu_throttle_c:
+        raise ConfigError(f"GPU_RESUME_C ({s.gpu_resume_c:g}) must not be above GPU_THROTTLE_C "
+                          f"({s.gpu_throttle_c:g}): a GPU would never be let back in")
     var = home / "var"
     s.data_dir = s.data_dir or str(var / "data")
     s.run_dir = s.run_dir or str(var / "run")

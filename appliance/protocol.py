@@ -49,8 +49,13 @@ class _Task(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=
     client's request decodes straight into exactly the fields that type needs (the
     OpenAPI document states them as a discriminated union)."""
 
+    model: Annotated[str, Meta(min_length=1, max_length=200,
+                               description="the model id (GET /v1/models); the configured default when absent")
+                     ] | None = None
     priority: Priority = "normal"
-    timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
+    timeout_s: Annotated[float, Meta(gt=0.0, le=86400.0, description=(
+        "seconds from submit to a final state (queued time included); default 60, or TASK_TIMEOUT_MAX_S if "
+        "that is less"))] | None = None
 
     @property
     def type(self) -> TaskType:
@@ -61,6 +66,9 @@ class _Generation(_Task, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
     temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
+    session_id: Annotated[str, Meta(min_length=1, max_length=200, description=(
+        "a conversation's id: its turns go to the instance that holds its prompt in cache, load permitting "
+        "(without it, the leading messages identify the conversation)"))] | None = None
 
 
 class ChatTask(_Generation, tag="chat", kw_only=True):
@@ -97,34 +105,71 @@ TaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask]
 TASK_TYPES = (ChatTask, CompleteTask, EmbedTask, ExtractTask)
 
 
-def prompt_chars(spec: TaskSpec) -> int:
-    """Characters of input a task carries (MAX_PROMPT_CHARS bounds the sum)."""
+DEFAULT_TIMEOUT_S = 60.0  # a task's timeout when it names none (at most TASK_TIMEOUT_MAX_S)
+
+
+def texts_of(spec: TaskSpec) -> list[tuple[str, str]]:
+    """(field, text) of every text a task carries, each bounded by MAX_PROMPT_CHARS.
+
+    Each text on its own, not their sum: a bound per field is one the OpenAPI document
+    can state exactly (maxLength), and MAX_BODY_BYTES bounds the whole request."""
     if isinstance(spec, EmbedTask):
-        return sum(len(t) for t in spec.texts)
+        return [(f"texts[{i}]", t) for i, t in enumerate(spec.texts)]
     if isinstance(spec, CompleteTask):
-        return len(spec.prompt)
-    return sum(len(m.content) for m in spec.messages)
+        return [("prompt", spec.prompt)]
+    return [(f"messages[{i}].content", m.content) for i, m in enumerate(spec.messages)]
 
 
 def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
                  ) -> tuple[str, str] | None:
     """The configured bounds msgspec cannot know at import time: (field, message) or None."""
-    if timeout_max_s is not None and spec.timeout_s > timeout_max_s:
+    if timeout_max_s is not None and spec.timeout_s is not None and spec.timeout_s > timeout_max_s:
         return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
-    if max_prompt_chars is not None and (n := prompt_chars(spec)) > max_prompt_chars:
-        field = {"embed": "texts", "complete": "prompt"}.get(spec.type, "messages")
-        return field, f"the input is {n} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
+    if max_prompt_chars is not None:
+        for field, text in texts_of(spec):
+            if len(text) > max_prompt_chars:
+                return field, f"{len(text)} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
     return None
+
+
+def with_timeout(spec: TaskSpec, timeout_max_s: float) -> TaskSpec:
+    """The spec with its timeout in force: its own, else DEFAULT_TIMEOUT_S within the bound."""
+    if spec.timeout_s is None:
+        spec.timeout_s = min(DEFAULT_TIMEOUT_S, timeout_max_s)
+    return spec
 
 
 class Timings(Struct, omit_defaults=True):
     """llama.cpp's own timings of a generation, as it reports them."""
 
-    prompt_n: int = 0
+    prompt_n: int = 0            # prompt tokens evaluated (not taken from the cache)
+    cache_n: int = 0             # prompt tokens reused from the slot's cache
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
     predicted_per_second: float = 0.0
+
+
+class Sampling(Struct, omit_defaults=True):
+    """The sampling parameters a generation ran with, every one explicit: with the
+    seed, the same model file and the same input give the same output again."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    max_tokens: int
+
+
+class Provenance(Struct, omit_defaults=True):
+    """What produced a result, for clinical reproducibility."""
+
+    model: str             # the model id
+    gguf_sha256: str       # of the model file, computed when the instance started
+    quantization: str      # the GGUF's file type (e.g. Q4_K_M, F16)
+    instance: str          # the instance that ran it
+    sampling: Sampling | None = None  # generations only
 
 
 class TaskResult(Struct, omit_defaults=True):
@@ -134,8 +179,10 @@ class TaskResult(Struct, omit_defaults=True):
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0                     # prompt tokens llama.cpp took from its cache
     model: str = ""
     timings: Timings | None = None
+    provenance: Provenance | None = None
 
 
 class TaskError(Struct):
@@ -152,12 +199,15 @@ class TaskRecord(Struct, omit_defaults=True):
     priority: Priority
     created_at: float
     tenant: str = ""
+    model: str = ""               # the model id it runs on (the default applied)
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
     result: TaskResult | None = None
     error: TaskError | None = None
     result_expired: bool = False  # past RESULT_TTL_S: the result itself is gone
+    attempts: int = 0             # times it was dispatched (2: re-run after its instance was lost)
+    preempted: int = 0            # times it was stopped to free a slot for critical work
 
 
 # ------------------------------------------------- api <-> broker (front ROUTER)
@@ -243,6 +293,11 @@ class WorkerStats(Struct):
     slots: int
     running: int
     credit: int
+    reserved: int = 0              # slots only critical and high work may take
+    gpu: int = -1                  # the GPU it is pinned to; -1: CPU only
+    starts: int = 1                # times the instance started since the appliance came up
+    throttled: bool = False        # its GPU is too hot: it gets no new work
+    seconds_per_token: float = 0.0  # EWMA of its generation speed (0: not measured yet)
 
 
 class Stats(_Msg):
@@ -264,6 +319,8 @@ class Stats(_Msg):
     replies_deferred: int = 0       # replies that waited for a slow client to read
     replies_undeliverable: int = 0  # replies whose client was gone: counted and logged
     workers_dropped: int = 0        # workers silent past WORKER_LIVENESS_S
+    depth_by_model: dict[str, int] = {}  # queued tasks per model
+    preemptions: int = 0            # running tasks stopped to free a slot for critical work
 
 
 class Pong(_Msg):
@@ -272,7 +329,8 @@ class Pong(_Msg):
     queued: int
     running: int
     gpu_state: str
-    models: list[str] = []
+    models: list[str] = []      # models with a registered instance
+    configured: list[str] = []  # models the instances file names (served or not)
 
 
 class Refused(_Msg):
@@ -289,7 +347,8 @@ class Refused(_Msg):
 class Ready(_Msg):
     """A worker joins, or rejoins (it reconnected, or the broker restarted). Slots are
     not credit yet. `running` names the tasks it is still running: they stay its own
-    instead of being queued again (and run twice)."""
+    instead of being queued again (and run twice). `model` is the service it serves
+    (a model id); `reserved` of its slots take only critical and high work."""
 
     worker: str
     model: str
@@ -297,6 +356,9 @@ class Ready(_Msg):
     endpoint: str
     version: int = PROTOCOL_VERSION
     running: list[str] = []
+    reserved: int = 0
+    gpu: int = -1      # the GPU index it is pinned to; -1: CPU only
+    starts: int = 1    # times this instance has started since the appliance came up
 
 
 class Credit(_Msg):
@@ -321,7 +383,7 @@ class Abort(_Msg):
     """Stop a running task now (its llama.cpp request is closed, freeing the slot)."""
 
     task_id: str
-    reason: Literal["cancelled", "timeout"]
+    reason: Literal["cancelled", "timeout", "preempted"]
 
 
 class Tokens(_Msg):

@@ -41,6 +41,9 @@ class Handler(Protocol):
     name: str           # the worker's identity with the broker (e.g. llama-0)
     model: str          # the service it serves (a model id)
     slots: int          # tasks it runs at once
+    reserved: int       # of those, slots only critical and high work may take
+    gpu: int            # the GPU it is pinned to; -1: CPU only
+    starts: int         # times it has started since the appliance came up
     endpoint: str       # where its engine listens, for operators
 
     def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None]) -> P.Done:
@@ -82,7 +85,8 @@ class WorkerLoop:
         self.sock.setsockopt(zmq.IDENTITY, self.h.name.encode())
         self.sock.connect(self.endpoint)
         h = self.h
-        self._send(P.Ready(h.name, h.model, h.slots, h.endpoint, running=sorted(self.running)))
+        self._send(P.Ready(h.name, h.model, h.slots, h.endpoint, running=sorted(self.running), reserved=h.reserved,
+                           gpu=h.gpu, starts=h.starts))
         free = h.slots - len(self.running)
         if free:
             self._send(P.Credit(free))

@@ -9,8 +9,16 @@ and property tests compare the two):
   tenant's own tasks are FIFO, so one tenant's flood cannot starve another tenant of
   the same priority; a tenant that runs out of work leaves the rotation and rejoins
   at its back;
+- a push with front=True (a task requeued after preemption or a lost worker) puts the
+  task at the head of its tenant's FIFO, and that tenant at the head of its level's
+  rotation (served next; the other tenants keep their order behind it), whether or
+  not the tenant had queued work; of several front pushes the latest runs first.
+  Its `now` (the task's original arrival) is its enqueue time for aging as usual;
 - between levels the lowest effective level wins, effective = level - waited/aging_s
-  for the task the level would serve next (ties go to the more urgent level).
+  for the task the level would serve next (ties go to the more urgent level);
+- pop(now, max_level) with max_level >= 0 considers only levels 0..max_level (the
+  declared level, not the aged score) and picks among them by the rule above;
+  max_level=-1 means all levels, as does max_level >= levels; below -1 is refused.
 
 Memory layout, all C arrays: an entry pool (one slot per queued handle, linked
 doubly within its tenant's FIFO), a pool of tenant queues (linked in a circle per
@@ -193,6 +201,19 @@ cdef class PriorityQueue:
             self.q_rnext[q] = head
             self.q_rprev[head] = q
 
+    cdef void _rot_front(self, int q):
+        """Make q the tenant queue its level serves next: it leaves its place in the
+        rotation, if it had one, and goes in front of the current head; the others
+        keep their order behind it."""
+        cdef int level = self.q_level[q]
+        if self.l_rot[level] == q:
+            return
+        if self.q_rnext[q] != NIL:
+            self.q_rnext[self.q_rprev[q]] = self.q_rnext[q]
+            self.q_rprev[self.q_rnext[q]] = self.q_rprev[q]
+        self._rot_join(q)           # at the back of the circle, i.e. just before the head
+        self.l_rot[level] = q       # ... which makes it the head
+
     cdef void _rot_leave(self, int q):
         cdef int level = self.q_level[q]
         cdef int nxt = self.q_rnext[q], prv = self.q_rprev[q]
@@ -227,8 +248,10 @@ cdef class PriorityQueue:
         self.e_free = slot
 
     # ------------------------------------------------------------ public interface
-    def push(self, int64_t handle, int level, double now, tenant=""):
-        """Queue `handle` at `level` (0 is the most urgent) for `tenant`, at time `now`."""
+    def push(self, int64_t handle, int level, double now, tenant="", bint front=False):
+        """Queue `handle` at `level` (0 is the most urgent) for `tenant`, enqueued at
+        time `now` (for aging). With `front`, requeue it at the front of its level:
+        the head of the tenant's FIFO, and the tenant served next in the level."""
         if level < 0 or level >= self.levels:
             raise ValueError(f"level {level} out of range")
         if self.live >= self.max_size_:
@@ -248,25 +271,44 @@ cdef class PriorityQueue:
         self.e_handle[slot] = handle
         self.e_enq[slot] = now
         self.e_tq[slot] = q
-        self.e_next[slot] = NIL
-        self.e_prev[slot] = self.q_tail[q]
-        if self.q_tail[q] == NIL:
+        if front:
+            self.e_prev[slot] = NIL
+            self.e_next[slot] = self.q_head[q]
+            if self.q_head[q] == NIL:
+                self.q_tail[q] = slot
+            else:
+                self.e_prev[self.q_head[q]] = slot
             self.q_head[q] = slot
         else:
-            self.e_next[self.q_tail[q]] = slot
-        self.q_tail[q] = slot
+            self.e_next[slot] = NIL
+            self.e_prev[slot] = self.q_tail[q]
+            if self.q_tail[q] == NIL:
+                self.q_head[q] = slot
+            else:
+                self.e_next[self.q_tail[q]] = slot
+            self.q_tail[q] = slot
         self.q_count[q] += 1
-        if self.q_count[q] == 1:
+        if front:
+            self._rot_front(q)
+        elif self.q_count[q] == 1:
             self._rot_join(q)
         self.l_live[level] += 1
         self.live += 1
         self._h_put(handle, slot)
 
-    cpdef int64_t pop(self, double now):
-        """The next handle to run, or -1 when nothing is queued."""
-        cdef int i, q, best = -1, slot
+    cpdef int64_t pop(self, double now, int max_level=-1):
+        """The next handle to run, or -1 when nothing is queued. With max_level >= 0
+        only levels 0..max_level (declared, not aged) are candidates, and -1 is also
+        the answer when none of them has work; max_level=-1 (or >= levels) means all
+        levels, below -1 raises ValueError. Touches no Python object."""
+        cdef int i, q, best = -1, slot, hi = self.levels
         cdef double score, best_score = 0.0
-        for i in range(self.levels):
+        if max_level >= 0:
+            if max_level < hi:
+                hi = max_level + 1
+        elif max_level != -1:
+            raise ValueError(f"max_level {max_level} out of range")
+        for i in range(hi):
             q = self.l_rot[i]
             if q == NIL:
                 continue
@@ -298,9 +340,11 @@ cdef class PriorityQueue:
         return True
 
     def position(self, int64_t handle):
-        """How many queued tasks run before this one if nothing else arrives and no
-        aging reorders them; -1 when not queued. Costs O(tasks ahead in its tenant's
-        queue + tenants in its level): for status calls, not the hot path."""
+        """How many queued tasks run before this one if nothing else arrives, no
+        aging reorders them and pops consider all levels; -1 when not queued. Front
+        pushes need nothing special here: they only reorder the FIFO and the rotation
+        that this walks. Costs O(tasks ahead in its tenant's queue + tenants in its
+        level): for status calls, not the hot path."""
         cdef int i = self._h_find(handle)
         if i == NIL:
             return -1

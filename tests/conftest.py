@@ -161,11 +161,13 @@ def make_home(tmp: Path) -> Path:
 
 def appliance_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_", "ALLOW_"))}
+           if not k.startswith(("API_", "LLAMA_", "MODEL_", "BROKER_", "JWT_", "AUDIT_", "RATE_", "ALLOW_",
+                                "INSTANCES_", "DEFAULT_MODEL", "CRITICAL_", "GPU_", "AFFINITY_"))}
     env.update({
         "APPLIANCE_HOME": str(home),
         "API_PORT": str(free_port()),
         "API_WORKERS": "2",
+        "LLAMA_INSTANCES": "1",  # the default is three; tests that need more say so
         "GPUMON_INTERVAL_S": "0.5",
     })
     env.update(extra)

@@ -12,6 +12,7 @@ import zmq
 from appliance import protocol as P
 from appliance.broker.server import Broker
 from appliance.config import load_settings
+from appliance.instances import TINY_ALIAS
 
 SPEC = P.CompleteTask(prompt="x", max_tokens=1)
 
@@ -67,9 +68,9 @@ class Running:
         self.peers.append(p)
         return p
 
-    def worker(self, name: str, slots: int, credit: int | None = None) -> Peer:
+    def worker(self, name: str, slots: int, credit: int | None = None, model: str = TINY_ALIAS) -> Peer:
         p = Peer(self.settings.broker_back, P.broker_to_worker, name.encode())
-        p.send(P.Ready(name, "tiny", slots, "http://127.0.0.1:1"))
+        p.send(P.Ready(name, model, slots, "http://127.0.0.1:1"))
         p.send(P.Credit(slots if credit is None else credit))
         self.peers.append(p)
         return p
@@ -232,7 +233,7 @@ def test_a_worker_that_reconnects_keeps_the_tasks_it_still_runs(broker):
     got = {w.recv_not(P.Heartbeat).task_id for _ in range(2)}
     assert got == set(ids)
     # it reconnects (it found the broker silent) and says it still runs only the first one
-    w.send(P.Ready("w1", "tiny", 2, "http://127.0.0.1:1", running=[ids[0]]))
+    w.send(P.Ready("w1", TINY_ALIAS, 2, "http://127.0.0.1:1", running=[ids[0]]))
     w.send(P.Credit(1))
     requeued = w.recv_not(P.Heartbeat)
     assert isinstance(requeued, P.Dispatch) and requeued.task_id == ids[1]  # the one it lost comes back
@@ -255,7 +256,7 @@ def test_after_a_broker_restart_the_worker_claims_its_running_task_back(settings
     try:
         c2 = second.client()
         assert query(c2, task_id).state == "queued"  # the journal had it running: back in line ...
-        w.send(P.Ready("w1", "tiny", 1, "http://127.0.0.1:1", running=[task_id]))  # ... until its worker speaks
+        w.send(P.Ready("w1", TINY_ALIAS, 1, "http://127.0.0.1:1", running=[task_id]))  # ... until its worker speaks
         time.sleep(0.2)
         other = second.worker("w2", slots=1)
         assert beat_for(other, 0.5) == []  # not dispatched a second time

@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from conftest import BIN, wait_until
+from conftest import BIN, running_appliance, wait_until
 
 MODEL = "appliance-tiny"
 SCHEMA = {"type": "object", "properties": {
@@ -208,7 +208,20 @@ def test_openapi_document_is_served(appliance):
     assert set(submit["responses"]["202"]["links"]) == {"status", "result", "stream", "cancel"}
 
 
-def test_fuzz_every_check_passes_and_links_reach_real_tasks(appliance, tmp_path):
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory):
+    """An appliance of its own for the fuzzer: it submits thousands of tasks with huge
+    max_tokens and timeouts. With TASK_TIMEOUT_MAX_S=5 none waits longer than that, so the
+    fuzzer's own synchronous OpenAI calls never queue behind minutes of its earlier work;
+    its rate limits are lifted, or its stateful phase would meet only 429s (the limits have
+    tests of their own); its context is large enough for the prompts the document allows."""
+    with running_appliance(tmp_path_factory, TASK_TIMEOUT_MAX_S="5", MAX_BATCH="20", LLAMA_SLOTS="4",
+                           LLAMA_CTX="65536", MAX_PROMPT_CHARS="4000",
+                           RATE_LIMITS="tasks:write=100000/s:100000,tasks:read=100000/s:100000") as app:
+        yield app
+
+
+def test_fuzz_every_check_passes_and_links_reach_real_tasks(fuzzed, tmp_path):
     """schemathesis over every operation of the served document with every check: no
     server error, every response as documented, schema-valid requests accepted and
     invalid ones refused; its stateful phase follows the document's links from a
@@ -217,13 +230,13 @@ def test_fuzz_every_check_passes_and_links_reach_real_tasks(appliance, tmp_path)
     seed = os.environ.get("FUZZ_SEED", "20261127")
     out = subprocess.run(
         [str(BIN / "schemathesis"), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
-         appliance.url + "/openapi.json", "--max-examples", "25", "--seed", seed,
-         "-H", f"Authorization: Bearer {appliance.token}", "--checks", "all", "--no-color"],
+         fuzzed.url + "/openapi.json", "--max-examples", "25", "--seed", seed,
+         "-H", f"Authorization: Bearer {fuzzed.token}", "--checks", "all", "--no-color"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     # the report without its (long) reproduction commands, each line cut short
     report = "\n".join(line[:300] for line in out.stdout.splitlines() if not line.startswith("    curl "))
     assert out.returncode == 0, report[-12000:] + out.stderr[-2000:]
-    assert " passed" in report and "Tested: 14" in report, report[-3000:]
+    assert " passed" in report and "Tested: 16" in report, report[-3000:]
     links = re.search(r"API Links:\s+(\d+) covered", report)
     assert links and int(links.group(1)) >= 4, report[-3000:]  # at least submit -> each id operation
     assert "{task_id}" not in report.partition("Missing test data")[2], report[-3000:]  # ids came from links

@@ -136,7 +136,7 @@ def test_prompt_and_batch_limits(app):
     token = app.mint("limits", "tasks:write")
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2001}]}
     r = app.post("/v1/async/submit", json=big, headers=bearer(token))
-    assert error_of(r, 422) == "invalid_field" and r.json()["error"]["details"]["field"] == "messages"
+    assert error_of(r, 422) == "invalid_field" and r.json()["error"]["details"]["field"] == "messages[0].content"
     assert "MAX_PROMPT_CHARS" in r.json()["error"]["message"]
     r = app.post("/v1/async/submit-batch", json={"tasks": [CHAT] * 5}, headers=bearer(token))
     assert error_of(r, 422) == "invalid_field" and r.json()["error"]["details"]["field"] == "tasks"

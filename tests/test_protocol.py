@@ -58,7 +58,7 @@ def test_configured_bounds():
     assert isinstance(spec, P.CompleteTask) and spec.type == "complete"
     assert P.check_bounds(spec, timeout_max_s=100, max_prompt_chars=3) is None
     assert P.check_bounds(spec, timeout_max_s=60)[0] == "timeout_s"
-    assert P.check_bounds(spec, max_prompt_chars=2) == ("prompt", "the input is 3 characters; at most 2 "
+    assert P.check_bounds(spec, max_prompt_chars=2) == ("prompt", "3 characters; at most 2 "
                                                         "(MAX_PROMPT_CHARS)")
 
 

@@ -9,7 +9,8 @@ import falcon
 import msgspec
 
 from .. import protocol as P
-from ..config import Settings
+from .. import instances
+from ..config import ConfigError, Settings
 from ..grammar import SchemaError, compile_schema
 from .broker_client import BrokerClient, get_client
 from .errors import ApiError, from_validation_error, invalid_field
@@ -32,6 +33,13 @@ class Api:
 
     def broker(self) -> BrokerClient:
         return get_client(self.s.broker_front, self.s.broker_timeout_s, self.s.broker_events)
+
+    def instances(self) -> list[instances.Instance]:
+        """The instances file as it is now; a broken edit is a 503 that says so, not a crash."""
+        try:
+            return instances.load(self.s)
+        except ConfigError as exc:
+            raise ApiError(503, "instances_file_invalid", str(exc.code), headers={"Retry-After": "5"}) from None
 
     def read_json(self, req: falcon.Request, type_):
         length = req.content_length

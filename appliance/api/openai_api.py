@@ -27,11 +27,13 @@ from .follow import follow
 from .sse import KEEPALIVE, sse_event, sse_response
 
 MODELS_CACHE_S = 1.0
+DEFAULT_TIMEOUT_S = 60.0  # an OpenAI call's task timeout (no field for it in OpenAI's API)
 
 
-class TextPart(Struct, tag_field="type", tag="text"):
+class TextPart(Struct):
     """A content part; only text parts exist here (no images, no audio)."""
 
+    type: Literal["text"]
     text: str
 
 
@@ -70,6 +72,9 @@ class ChatRequest(Struct):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: TextFormat | JsonSchemaResponse | None = None
+    session_id: Annotated[str, Meta(min_length=1, max_length=200, description=(
+        "an extension: the conversation's id, so that its turns go to the instance holding its prompt in "
+        "cache (without it, the leading messages identify the conversation)"))] | None = None
     tools: Annotated[list[Any], Meta(max_length=0, description="tool calling is not supported")] | None = None
 
 
@@ -99,7 +104,14 @@ def _text_of(m: OAMessage) -> str:
 
 
 # Failed tasks in a synchronous call: error code -> HTTP status
-_FAILURE_STATUS = {"timeout": 504, "deadline": 503, "cancelled": 409}
+# Failed tasks in a synchronous call: error code -> (HTTP status, the code OpenAI clients know)
+_FAILURE_STATUS = {
+    "timeout": (504, "timeout"),
+    "deadline": (503, "deadline"),
+    "cancelled": (409, "cancelled"),
+    "context_exceeded": (400, "context_length_exceeded"),  # the prompt does not fit the model's context
+    "llama_rejected": (400, "invalid_request"),             # llama.cpp refused the request itself
+}
 
 
 class OpenAI:
@@ -107,23 +119,27 @@ class OpenAI:
 
     def __init__(self, api: Api):
         self.api = api
-        self._models: tuple[float, list[str]] = (0.0, [])
+        self._models: tuple[float, list[str], list[str]] = (0.0, [], [])
         self._lock = threading.Lock()
 
-    def models(self) -> list[str]:
+    def models(self) -> tuple[list[str], list[str]]:
+        """(configured model ids, those with a registered instance), at most MODELS_CACHE_S old."""
         with self._lock:
-            at, models = self._models
+            at, configured, served = self._models
         if time.monotonic() - at > MODELS_CACHE_S:
-            models = self.api.broker().ping().models
+            pong = self.api.broker().ping()
+            configured, served = pong.configured, pong.models
             with self._lock:
-                self._models = (time.monotonic(), models)
-        return models
+                self._models = (time.monotonic(), configured, served)
+        return configured, served
 
     def check_model(self, model: str) -> None:
-        models = self.models()
-        if model not in models:
-            raise ApiError(404, "model_not_found", f"no model {model!r} is served here",
-                           {"available": models})
+        """A model no instance is configured for is 404; a configured one whose instances
+        are all down queues (like the async API), and health says so."""
+        configured, _ = self.models()
+        if model not in configured:
+            raise ApiError(404, "model_not_found", f"no model {model!r} is configured here",
+                           {"available": configured})
 
     @staticmethod
     def priority(req: falcon.Request) -> str:
@@ -133,6 +149,10 @@ class OpenAI:
         if value not in P.LEVEL:
             raise invalid_field("X-Priority", f"one of {', '.join(P.PRIORITIES)}")
         return value
+
+    def task_fields(self, req: falcon.Request) -> dict:
+        """Priority from X-Priority; the timeout a task gets by default, within TASK_TIMEOUT_MAX_S."""
+        return {"priority": self.priority(req), "timeout_s": min(DEFAULT_TIMEOUT_S, self.api.s.task_timeout_max_s)}
 
     def start(self, req: falcon.Request, spec: P.TaskSpec):
         """Submit with an id of our own, already watched: no event can be missed."""
@@ -163,11 +183,18 @@ class OpenAI:
 
     @staticmethod
     def check_final(rec: P.TaskRecord) -> P.TaskRecord:
+        """The record to answer with, or the HTTP error a failed task is.
+
+        Structured output that does not validate is answered as OpenAI-compatible
+        servers do, 200 with the text and its finish_reason (`length` when max_tokens cut
+        it), not as an error; the async API reports it failed `extract_invalid`."""
         if rec.state == "completed":
             return rec
         err = rec.error or P.TaskError(rec.state, rec.state)
-        raise ApiError(_FAILURE_STATUS.get(err.code, 502), err.code if err.code in _FAILURE_STATUS else "model_error",
-                       err.message, {"task_id": rec.task_id, "state": rec.state, "reason": err.code})
+        if err.code == "extract_invalid" and rec.result is not None:
+            return rec
+        status, code = _FAILURE_STATUS.get(err.code, (502, "model_error"))
+        raise ApiError(status, code, err.message, {"task_id": rec.task_id, "state": rec.state, "reason": err.code})
 
     def stream(self, req: falcon.Request, spec: P.TaskSpec, make_chunk, include_usage: bool):
         """SSE body: OpenAI chunks from `make_chunk(text=..., finish=...)`, then [DONE]."""
@@ -242,8 +269,9 @@ class ChatCompletions:
         body = self.oa.api.read_json(req, ChatRequest)
         self.oa.check_model(body.model)
         messages = [P.ChatMessage(m.role, _text_of(m)) for m in body.messages]
-        common = dict(messages=messages, max_tokens=body.max_completion_tokens or body.max_tokens or 128,
-                      temperature=body.temperature, seed=body.seed, priority=self.oa.priority(req))
+        common = dict(model=body.model, messages=messages, temperature=body.temperature, seed=body.seed,
+                      max_tokens=body.max_completion_tokens or body.max_tokens or 128, session_id=body.session_id,
+                      **self.oa.task_fields(req))
         if isinstance(body.response_format, JsonSchemaResponse):  # structured output: an extract task
             spec = P.ExtractTask(json_schema=body.response_format.json_schema.schema, **common)
         else:
@@ -261,8 +289,8 @@ class Completions:
     def on_post(self, req, resp):
         body = self.oa.api.read_json(req, CompletionRequest)
         self.oa.check_model(body.model)
-        spec = P.CompleteTask(prompt=body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                              seed=body.seed, priority=self.oa.priority(req))
+        spec = P.CompleteTask(model=body.model, prompt=body.prompt, max_tokens=body.max_tokens,
+                              temperature=body.temperature, seed=body.seed, **self.oa.task_fields(req))
         include = bool(body.stream_options and body.stream_options.include_usage)
         _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=False)
 
@@ -277,7 +305,7 @@ class Embeddings:
         body = self.oa.api.read_json(req, EmbeddingRequest)
         self.oa.check_model(body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        spec = P.EmbedTask(texts=texts, priority=self.oa.priority(req))
+        spec = P.EmbedTask(model=body.model, texts=texts, **self.oa.task_fields(req))
         rec = self.oa.wait(req, spec)
         res = rec.result
         json_response(resp, {
@@ -302,8 +330,10 @@ class Models:
         self.oa = oa
 
     def on_get(self, req, resp):
+        configured, served = self.oa.models()
         json_response(resp, {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "appliance"} for m in self.oa.models()]})
+            {"id": m, "object": "model", "created": 0, "owned_by": "appliance",
+             "state": "ready" if m in served else "unavailable"} for m in configured]})
 
 
 def add_routes(app: falcon.App, api: Api) -> None:

@@ -12,8 +12,9 @@ import msgspec
 from msgspec import Struct
 
 from .. import protocol as P
-from ..config import Settings
-from . import async_api, openai_api
+from .. import instances
+from ..config import ConfigError, Settings
+from . import async_api, instances_api, openai_api
 from .middleware import PUBLIC
 
 
@@ -110,6 +111,11 @@ class StatsBody(Struct):
     workers_dropped: int
 
 
+class InstanceRestarted(Struct):
+    name: str
+    state: str
+
+
 class Ok(Struct):
     status: str
 
@@ -128,6 +134,7 @@ class ModelCard(Struct):
     object: str
     created: int
     owned_by: str
+    state: Literal["ready", "unavailable"]  # an instance of it is registered, or none is (tasks queue)
 
 
 class ModelList(Struct):
@@ -138,7 +145,7 @@ class ModelList(Struct):
 _ERRORS = {
     "400": "malformed JSON",
     "404": "unknown id, route or model",
-    "409": "the task is already final",
+    "409": "the task is already final (a restart: supervisord refused)",
     "410": "the result expired",
     "401": "no token, or the token is invalid or expired (code says which)",
     "403": "the token lacks the scope this call needs (details.required)",
@@ -158,6 +165,8 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                 "description": "the same key (per tenant) gives the same task while its record is kept",
                 "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
 # Operations that take a task id, and the links that lead to them from a submit's answer.
+_INSTANCE = {"name": "name", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,31}$"}}
 _BY_ID = {"getTaskStatus": "status", "getTaskResult": "result", "streamTask": "stream", "cancelTask": "cancel"}
 
 
@@ -213,10 +222,10 @@ def build(settings: Settings) -> dict:
         ("/readyz", "get"): _op("readyz", "broker reachable and a model instance registered (loopback or token, "
                                 "see OPS_ENDPOINTS)", ("200", Ready), "401 503", secured=False),
         ("/v1/async/submit", "post"): _op("submitTask", "queue a task", ("202", SubmitAccepted),
-                                          "400 413 422 429 503", body=P.TaskSpec, params=(_IDEMPOTENCY,),
+                                          "400 404 413 422 429 503", body=P.TaskSpec, params=(_IDEMPOTENCY,),
                                           links=_links("/task_id")),
         ("/v1/async/submit-batch", "post"): _op("submitBatch", "queue tasks, all or none", ("202", BatchAccepted),
-                                                "400 413 422 429 503", body=async_api.SubmitBatchBody,
+                                                "400 404 413 422 429 503", body=async_api.SubmitBatchBody,
                                                 links=_links("/tasks/0/task_id")),
         ("/v1/async/status/{task_id}", "get"): _op("getTaskStatus", "a task's state", ("200", TaskStatus),
                                                    "404 503", params=(_TASK_ID,)),
@@ -237,7 +246,13 @@ def build(settings: Settings) -> dict:
                                          sse=True),
         ("/v1/embeddings", "post"): _op("createEmbedding", "OpenAI embeddings", ("200", dict[str, Any]),
                                         _SYNC_ERRORS, body=openai_api.EmbeddingRequest, params=(_PRIORITY,)),
-        ("/v1/models", "get"): _op("listModels", "served models", ("200", ModelList), "503"),
+        ("/v1/models", "get"): _op("listModels", "the configured models and whether an instance of each is up",
+                                   ("200", ModelList), "503"),
+        ("/v1/instances", "get"): _op("listInstances", "the model instances: configured, registered, process "
+                                      "state, slots, restarts, GPU", ("200", instances_api.InstanceList), "503"),
+        ("/v1/instances/{name}/restart", "post"): _op(
+            "restartInstance", "restart one instance through supervisord (admin)", ("200", InstanceRestarted),
+            "404 409 503", params=(_INSTANCE,)),
     }
     all_types = [t for _, types in ops.values() for t in types]
     schemas, components = msgspec.json.schema_components(all_types, ref_template="#/components/schemas/{name}")
@@ -283,14 +298,23 @@ def _tagged_unions_as_one_of(node) -> None:
 def _configured_bounds(components: dict, s: Settings) -> None:
     """What this appliance's settings allow, where a Struct's static bound is wider:
     the document must not promise what validation then refuses (TASK_TIMEOUT_MAX_S,
-    MAX_PROMPT_CHARS; the latter bounds the sum of a task's text, stated per field here)."""
+    MAX_PROMPT_CHARS; the latter bounds the sum of a task's text, stated per field here;
+    the models of the instances file)."""
+    try:
+        models = instances.models(instances.load(s))
+    except ConfigError:  # a broken instances file: the document cannot name the models
+        models = []
+    if models:
+        for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
+            option = components[name]["properties"]["model"]["anyOf"][0]
+            option["enum"] = models
+        for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
+            components[name]["properties"]["model"] = {"enum": models, "description": "a configured model "
+                                                       "(GET /v1/models); another one is 404 model_not_found"}
     chars = s.max_prompt_chars
     components["SubmitBatchBody"]["properties"]["tasks"]["maxItems"] = s.max_batch
     for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
-        components[name]["properties"]["timeout_s"]["maximum"] = s.task_timeout_max_s
-        components[name]["description"] = (components[name].get("description", "") + f" The text of a task "
-                                           f"(messages, prompt or texts) is at most {chars} characters in all "
-                                           "(MAX_PROMPT_CHARS).").strip()
+        components[name]["properties"]["timeout_s"]["anyOf"][0]["maximum"] = s.task_timeout_max_s
 
     def cap(schema: dict) -> None:
         schema["maxLength"] = min(schema.get("maxLength", chars), chars)
@@ -308,11 +332,19 @@ def _configured_bounds(components: dict, s: Settings) -> None:
 
 
 class OpenApi:
+    """Built once, and again when the instances file changes (its models are in it)."""
+
     auth = PUBLIC
 
     def __init__(self, settings: Settings) -> None:
-        self.body = msgspec.json.encode(build(settings))
+        self.s = settings
+        self._stamp: float | None = -1.0
+        self.body = b""
 
     def on_get(self, req, resp):
+        path = instances.instances_path(self.s)
+        stamp = path.stat().st_mtime if path.is_file() else None
+        if stamp != self._stamp:
+            self.body, self._stamp = msgspec.json.encode(build(self.s)), stamp
         resp.content_type = "application/json"
         resp.data = self.body

@@ -1,14 +1,22 @@
-"""The worker pool: who is registered, what each can take, who has gone silent.
+"""The worker pool: who is registered, what each serves and can take, who went silent,
+and which one a task should go to.
 
-No sockets and no tasks here: the pool counts credit and running task ids per worker,
-and the broker loop acts on what it says (dispatch, requeue, abort). Credit is what a
+No sockets and no tasks here: the pool counts credit and running tasks per worker,
+keeps the GPU states and the conversations' affinity, and asks the routing function
+(routing.py) for a choice; the broker loop acts on what it says. Credit is what a
 worker said it can take; the pool never lets it exceed its free slots.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .. import protocol as P
+from . import routing
+
+AFFINITY_ENTRIES = 100_000  # conversations remembered (least recently used forgotten)
+EWMA_WEIGHT = 0.2           # of the newest measurement of an instance's speed
+URGENT = P.LEVEL["high"]    # this level and above may take reserved slots
 
 
 @dataclass(slots=True)
@@ -18,15 +26,30 @@ class Worker:
     model: str
     slots: int
     endpoint: str
+    reserved: int = 0
+    gpu: int = -1
+    starts: int = 1
     credit: int = 0
     last_seen: float = 0.0
-    running: set[str] = field(default_factory=set)
+    running: dict[str, int] = field(default_factory=dict)  # task id -> its priority level
+    seconds_per_token: float = 0.0
+
+    def low_running(self) -> int:
+        return sum(1 for level in self.running.values() if level > URGENT)
+
+    def candidate(self) -> routing.Candidate:
+        return routing.Candidate(self.name, self.credit, self.slots, len(self.running), self.low_running(),
+                                 self.reserved, self.seconds_per_token, self.gpu)
 
 
 class WorkerPool:
-    def __init__(self, liveness_s: float):
+    def __init__(self, liveness_s: float, slack: int = 1, throttle_c: float = 85.0, resume_c: float = 80.0):
         self.liveness_s = liveness_s
+        self.slack = slack
+        self.throttle_c, self.resume_c = throttle_c, resume_c
         self.workers: dict[bytes, Worker] = {}
+        self.gpus: dict[int, routing.Gpu] = {}
+        self.affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> worker name
         self.dropped = 0  # for silence (not for leaving or re-registering)
 
     def __len__(self) -> int:
@@ -38,18 +61,22 @@ class WorkerPool:
     def get(self, identity: bytes) -> Worker | None:
         return self.workers.get(identity)
 
+    # ------------------------------------------------------------ membership
     def register(self, identity: bytes, msg: P.Ready, now: float) -> tuple[Worker, set[str]]:
         """Add a worker (or replace its earlier registration).
 
         Returns the new worker, already holding the tasks of its earlier registration
         that it says it still runs, and the ids of the earlier registration's tasks it
         no longer runs (lost: the caller requeues them)."""
-        new = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, last_seen=now)
+        new = Worker(identity, msg.worker, msg.model, msg.slots, msg.endpoint, reserved=msg.reserved,
+                     gpu=msg.gpu, starts=msg.starts, last_seen=now)
         lost: set[str] = set()
         old = self.workers.get(identity)
         if old is not None:
-            new.running = old.running & set(msg.running)
-            lost = old.running - new.running
+            still = set(msg.running)
+            new.running = {t: level for t, level in old.running.items() if t in still}
+            new.seconds_per_token = old.seconds_per_token
+            lost = set(old.running) - still
         self.workers[identity] = new
         return new, lost
 
@@ -61,21 +88,6 @@ class WorkerPool:
     def seen(self, worker: Worker, now: float) -> None:
         worker.last_seen = now
 
-    def add_credit(self, worker: Worker, n: int) -> None:
-        worker.credit = min(worker.slots - len(worker.running), worker.credit + max(0, n))
-
-    def assign(self, worker: Worker, task_id: str) -> None:
-        worker.credit -= 1
-        worker.running.add(task_id)
-
-    def release(self, task_id: str) -> Worker | None:
-        """The worker that was running `task_id` (now not), or None."""
-        for worker in self.workers.values():
-            if task_id in worker.running:
-                worker.running.discard(task_id)
-                return worker
-        return None
-
     def silent(self, now: float) -> list[Worker]:
         """Workers silent past the liveness window (counted as dropped; the caller removes them)."""
         horizon = now - self.liveness_s
@@ -83,10 +95,69 @@ class WorkerPool:
         self.dropped += len(gone)
         return gone
 
-    def by_free_credit(self) -> list[Worker]:
-        """Workers with credit, the most free first: the dispatch order."""
-        return sorted((w for w in self.workers.values() if w.credit > 0), key=lambda w: -w.credit)
+    # ------------------------------------------------------------ slots
+    def add_credit(self, worker: Worker, n: int) -> None:
+        worker.credit = min(worker.slots - len(worker.running), worker.credit + max(0, n))
 
+    def assign(self, worker: Worker, task_id: str, level: int) -> None:
+        worker.credit -= 1
+        worker.running[task_id] = level
+
+    def release(self, task_id: str) -> Worker | None:
+        """The worker that was running `task_id` (now not), or None."""
+        for worker in self.workers.values():
+            if worker.running.pop(task_id, None) is not None:
+                return worker
+        return None
+
+    def measured(self, worker: Worker, timings: P.Timings | None) -> None:
+        """Fold a finished generation's speed into the worker's EWMA (llama.cpp's own timings)."""
+        if timings is None or timings.predicted_n <= 0 or timings.predicted_ms <= 0:
+            return
+        sample = timings.predicted_ms / 1000 / timings.predicted_n
+        old = worker.seconds_per_token
+        worker.seconds_per_token = sample if old <= 0 else (1 - EWMA_WEIGHT) * old + EWMA_WEIGHT * sample
+
+    # ------------------------------------------------------------ routing
+    def serving(self, model: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.model == model]
+
+    def can_take(self, model: str) -> tuple[bool, bool]:
+        """(any worker of this model may take work below high, any may take critical/high)."""
+        low = urgent = False
+        for w in self.serving(model):
+            c = w.candidate()
+            urgent = urgent or routing.eligible(c, True, self.gpus)
+            low = low or routing.eligible(c, False, self.gpus)
+        return low, urgent
+
+    def choose(self, model: str, level: int, key: str | None, avoid: frozenset[str] = frozenset()) -> Worker | None:
+        """The worker for a task of `model` at priority `level`, by the routing rule; the
+        conversation `key`, if any, now belongs to the one chosen."""
+        workers = {w.name: w for w in self.serving(model)}
+        affinity = self.affinity.get(key) if key is not None else None
+        pick = routing.choose([w.candidate() for w in workers.values()], level <= URGENT, self.gpus, affinity,
+                              avoid, self.slack)
+        if pick is None:
+            return None
+        if key is not None:
+            self.affinity[key] = pick.name
+            self.affinity.move_to_end(key)
+            if len(self.affinity) > AFFINITY_ENTRIES:
+                self.affinity.popitem(last=False)
+        return workers[pick.name]
+
+    def telemetry(self, t: P.Telemetry) -> None:
+        """New GPU readings: throttle states (with hysteresis) and memory headroom."""
+        gpus = {}
+        for g in t.gpus:
+            was = self.gpus.get(g.index, routing.Gpu()).throttled
+            free = 1 - g.memory_used_mb / g.memory_total_mb if g.memory_total_mb > 0 else 1.0
+            gpus[g.index] = routing.Gpu(routing.throttled(was, g.temperature_c, self.throttle_c, self.resume_c),
+                                        free)
+        self.gpus = gpus
+
+    # ------------------------------------------------------------ views
     def running_total(self) -> int:
         return sum(len(w.running) for w in self.workers.values())
 
@@ -94,5 +165,7 @@ class WorkerPool:
         return sorted({w.model for w in self.workers.values()})
 
     def view(self) -> list[P.WorkerStats]:
-        return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, len(w.running), w.credit)
+        return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, len(w.running), w.credit, w.reserved, w.gpu,
+                              w.starts, w.gpu >= 0 and self.gpus.get(w.gpu, routing.Gpu()).throttled,
+                              w.seconds_per_token)
                 for w in self.workers.values()]

@@ -9,8 +9,18 @@ The rules:
 - inside a level, tenants with queued work take turns (round robin) and each
   tenant's tasks are FIFO; a tenant that runs out of work (pop or cancel) leaves the
   rotation and rejoins at its back;
+- push(..., front=True) requeues at the front of the level (a task that was preempted
+  or whose worker was lost): the task goes to the head of its tenant's FIFO and the
+  tenant to the head of the level's rotation, served next, the other tenants keeping
+  their order behind it; that holds whether or not the tenant had queued work, and of
+  several front pushes the latest runs first. `now` (the task's original arrival) is
+  its enqueue time for aging, as for any push;
 - between levels the lowest effective level wins, effective = level - waited/aging_s
-  for the task the level would serve next (ties: the more urgent level).
+  for the task the level would serve next (ties: the more urgent level);
+- pop(now, max_level) with max_level >= 0 only considers levels 0..max_level, by
+  declared level and not by aged score, and chooses among them by the rule above
+  (-1 when none of them has work); max_level=-1, the default, or max_level >= levels
+  means all levels; max_level < -1 raises ValueError.
 """
 from __future__ import annotations
 
@@ -34,18 +44,28 @@ class RefPriorityQueue:
         self._rotation: list[deque[Hashable]] = [deque() for _ in range(levels)]
         self._where: dict[int, tuple[int, Hashable, float]] = {}
 
-    def push(self, handle: int, level: int, now: float, tenant: Hashable = "") -> None:
+    def push(
+        self, handle: int, level: int, now: float, tenant: Hashable = "", front: bool = False
+    ) -> None:
         if not 0 <= level < self.levels:
             raise ValueError(f"level {level} out of range")
         if len(self._where) >= self.max_size:
             raise QueueFull(self.max_size)
         if handle in self._where:
             raise ValueError(f"handle {handle} already queued")
-        fifos = self._fifos[level]
-        if tenant not in fifos:
-            fifos[tenant] = deque()
-            self._rotation[level].append(tenant)
-        fifos[tenant].append((handle, now))
+        fifos, rotation = self._fifos[level], self._rotation[level]
+        if front:
+            if tenant in fifos:
+                rotation.remove(tenant)
+            else:
+                fifos[tenant] = deque()
+            rotation.appendleft(tenant)  # served next; the others keep their order
+            fifos[tenant].appendleft((handle, now))
+        else:
+            if tenant not in fifos:
+                fifos[tenant] = deque()
+                rotation.append(tenant)
+            fifos[tenant].append((handle, now))
         self._where[handle] = (level, tenant, now)
 
     def _remove(self, level: int, tenant: Hashable, handle: int, now: float) -> None:
@@ -56,9 +76,12 @@ class RefPriorityQueue:
             del self._fifos[level][tenant]
             self._rotation[level].remove(tenant)
 
-    def pop(self, now: float) -> int:
+    def pop(self, now: float, max_level: int = -1) -> int:
+        if max_level < -1:
+            raise ValueError(f"max_level {max_level} out of range")
+        top = self.levels if max_level < 0 else min(max_level + 1, self.levels)
         best, best_score = -1, 0.0
-        for level in range(self.levels):
+        for level in range(top):
             rotation = self._rotation[level]
             if not rotation:
                 continue
@@ -83,7 +106,8 @@ class RefPriorityQueue:
         return True
 
     def position(self, handle: int) -> int:
-        """Tasks that run first if nothing arrives and aging reorders nothing; -1 if absent."""
+        """Tasks that run first if nothing arrives, aging reorders nothing and pops take
+        all levels; -1 if absent. Front pushes show in the FIFO and rotation it reads."""
         if handle not in self._where:
             return -1
         level, tenant, _ = self._where[handle]

@@ -22,16 +22,20 @@ class HealthInput:
     max_size: int
     stall_s: float
     backlog_wait_s: float
+    unserved: tuple[str, ...] | list[str] = ()  # models with queued tasks and no registered instance
 
 
 def health(h: HealthInput) -> tuple[str, str]:
     """(state, reason): `stalled` when tasks are queued and no instance is registered,
-    or nothing was dispatched or finished for HEALTH_STALL_S; `backing_up` when the queue
-    is at 80 % of its bound or its oldest task waited HEALTH_BACKLOG_WAIT_S; else healthy."""
+    or nothing was dispatched or finished for HEALTH_STALL_S; `backing_up` when a model
+    with queued tasks has no instance registered (the others go on), the queue is at 80 %
+    of its bound, or its oldest task waited HEALTH_BACKLOG_WAIT_S; else healthy."""
     if h.queued and not h.workers:
         return "stalled", "tasks are queued and no model instance is registered"
     if h.queued and h.since_progress_s > h.stall_s:
         return "stalled", f"tasks are queued and nothing progressed for {h.since_progress_s:.0f}s"
+    if h.unserved:
+        return "backing_up", f"tasks wait for models with no instance registered: {', '.join(h.unserved)}"
     if h.queued >= 0.8 * h.max_size:
         return "backing_up", f"queue at {h.queued}/{h.max_size}"
     if h.oldest_queued_s > h.backlog_wait_s:
@@ -51,6 +55,7 @@ class StatsBook:
         self.final_states: Counter[str] = Counter()  # since the broker started
         self._final_times: deque[float] = deque()     # monotonic times of the last minute's final states
         self.last_progress = time.monotonic()
+        self.preemptions = 0
 
     def dispatched(self, waited_s: float) -> None:
         self.dispatch_ms.append(waited_s * 1000)

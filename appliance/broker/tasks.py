@@ -12,12 +12,13 @@ result) and RESULT_TOMBSTONE_S (the record) have passed.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import msgspec
 
@@ -27,6 +28,28 @@ from ._pqueue import PriorityQueue, QueueFull
 
 # Final records kept in memory, so that polling clients rarely hit SQLite.
 FINISHED_CACHE = 10_000
+
+
+URGENT = P.LEVEL["high"]  # this level and above: critical work, tracked for preemption
+
+
+def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:
+    """What identifies a conversation for prefix affinity: its session id, else its
+    leading messages (up to and including the first user message, which every later
+    turn resends unchanged), else a completion's first 512 characters."""
+    if isinstance(spec, P.EmbedTask):
+        return None
+    if spec.session_id is not None:
+        return f"s\0{tenant}\0{spec.session_id}"
+    h = hashlib.blake2b(digest_size=12)
+    if isinstance(spec, P.CompleteTask):
+        h.update(spec.prompt[:512].encode())
+    else:
+        for m in spec.messages:
+            h.update(f"{m.role}\0{len(m.content)}\0".encode() + m.content.encode())
+            if m.role == "user":
+                break
+    return f"p\0{tenant}\0{h.hexdigest()}"
 
 
 @dataclass(slots=True)
@@ -39,20 +62,33 @@ class Task:
     idem: str | None = None                         # tenant + NUL + idempotency key
     text: list[str] = field(default_factory=list)  # generated so far (Tokens)
     tokens_seq: int = 0
+    key: str | None = None                          # conversation key (prefix affinity)
+    lost_on: set[str] = field(default_factory=set)  # instances that lost it: it avoids them
 
     @property
     def task_id(self) -> str:
         return self.record.task_id
 
+    @property
+    def level(self) -> int:
+        return P.LEVEL[self.record.priority]
+
 
 class TaskTable:
-    def __init__(self, journal: Journal, queue: PriorityQueue, result_ttl_s: float, tombstone_s: float):
+    """One priority queue per model (a task waits for an instance of its own model),
+    one bound (QUEUE_MAX_SIZE) over all of them."""
+
+    def __init__(self, journal: Journal, make_queue: Callable[[], PriorityQueue], max_size: int,
+                 result_ttl_s: float, tombstone_s: float):
         self.journal = journal
-        self.queue = queue
+        self.make_queue = make_queue
+        self.queues: dict[str, PriorityQueue] = {}
+        self.max_size = max_size
         self.result_ttl_s = result_ttl_s
         self.tombstone_s = tombstone_s
         self.live: dict[str, Task] = {}
         self.by_seq: dict[int, Task] = {}                    # queued tasks, by handle
+        self.urgent: dict[str, dict[int, Task]] = {}         # queued critical/high tasks, per model
         self.recent: OrderedDict[str, P.TaskRecord] = OrderedDict()  # final records, newest last
         self.idem: dict[str, str] = {}                       # idempotency key -> id, while live
         self._idem_release: list[str] = []                   # forgotten after the next commit
@@ -61,17 +97,21 @@ class TaskTable:
         self.next_seq = 1
 
     # ------------------------------------------------------------- recovery
-    def recover(self) -> tuple[int, int, list[Task]]:
-        """Load the journal's live tasks back in line; running ones are queued again.
+    def recover(self, default_model: str) -> tuple[int, int, list[Task]]:
+        """Load the journal's live tasks back in line; running ones are queued again
+        (until their worker claims them). A record from before models existed gets the
+        task's own model or the default.
 
         Returns (live tasks, of them were running, tasks refused for lack of room)."""
         self.next_seq = self.journal.max_seq() + 1
         was_running, refused = 0, []
         for seq, rec, spec, idem in self.journal.load_live():
+            rec.model = rec.model or spec.model or default_model
             if rec.state == "running":
                 rec.state, rec.started_at, rec.worker = "queued", None, None
                 was_running += 1
-            task = self._track(Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem))
+            task = self._track(Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem,
+                                    key=conversation_key(spec, rec.tenant)))
             try:
                 self._enqueue(task, rec.created_at)
             except QueueFull:  # QUEUE_MAX_SIZE was lowered below what the journal holds
@@ -79,17 +119,23 @@ class TaskTable:
         return len(self.live), was_running, refused
 
     # ------------------------------------------------------------- new tasks
-    def room(self) -> int:
-        return self.queue.max_size - len(self.queue)
+    @property
+    def queued(self) -> int:
+        return len(self.by_seq)
 
-    def add(self, spec: P.TaskSpec, tenant: str, now: float, task_id: str | None = None,
+    def room(self) -> int:
+        return self.max_size - self.queued
+
+    def add(self, spec: P.TaskSpec, model: str, tenant: str, now: float, task_id: str | None = None,
             idem: str | None = None) -> Task:
-        """Queue a new task and journal it (the caller checked room)."""
+        """Queue a new task for `model` (the default already applied) and journal it (the
+        caller checked room)."""
         seq = self.next_seq
         self.next_seq += 1
         rec = P.TaskRecord(task_id=task_id or uuid.uuid4().hex, state="queued", type=spec.type,
-                           priority=spec.priority, created_at=now, tenant=tenant)
-        task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem))
+                           priority=spec.priority, created_at=now, tenant=tenant, model=model)
+        task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem,
+                                key=conversation_key(spec, tenant)))
         self._enqueue(task, now)
         self.journal.write(seq, rec, spec, idem)
         return task
@@ -101,10 +147,20 @@ class TaskTable:
         heapq.heappush(self._deadlines, (task.deadline, task.seq, task.task_id))
         return task
 
-    def _enqueue(self, task: Task, now: float) -> None:
+    def _queue(self, model: str) -> PriorityQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues[model] = self.make_queue()
+        return queue
+
+    def _enqueue(self, task: Task, now: float, front: bool = False) -> None:
         rec = task.record
-        self.queue.push(task.seq, P.LEVEL[rec.priority], now, rec.tenant)
+        if self.queued >= self.max_size:
+            raise QueueFull(self.max_size)
+        self._queue(rec.model).push(task.seq, task.level, now, rec.tenant, front=front)
         self.by_seq[task.seq] = task
+        if task.level <= URGENT:
+            self.urgent.setdefault(rec.model, {})[task.seq] = task
         heapq.heappush(self._arrivals, task.seq)
         if len(self._arrivals) > 2 * len(self.by_seq) + 1024:
             self._arrivals = sorted(self.by_seq)
@@ -133,7 +189,23 @@ class TaskTable:
         return rec
 
     def position(self, task: Task) -> int:
-        return self.queue.position(task.seq)
+        return self._queue(task.record.model).position(task.seq)
+
+    def depth(self) -> dict[str, int]:
+        """Queued tasks per priority, over every model."""
+        return {name: sum(q.depth(level) for q in self.queues.values()) for name, level in P.LEVEL.items()}
+
+    def depth_by_model(self) -> dict[str, int]:
+        return {model: len(q) for model, q in self.queues.items() if len(q)}
+
+    def waiting_models(self) -> list[str]:
+        return [model for model, q in self.queues.items() if len(q)]
+
+    def oldest_urgent(self) -> Iterator[tuple[str, float, int]]:
+        """(model, arrival of its longest-waiting critical/high task, how many wait) per model."""
+        for model, tasks in self.urgent.items():
+            if tasks:
+                yield model, min(t.record.created_at for t in tasks.values()), len(tasks)
 
     def oldest_queued(self) -> Task | None:
         """The queued task that arrived first. By sequence number, so a task requeued
@@ -144,34 +216,47 @@ class TaskTable:
         return self.by_seq[heap[0]] if heap else None
 
     # ------------------------------------------------------------- transitions
-    def next_queued(self, now: float) -> Task | None:
-        """Take the queue's next task out of line (not yet running)."""
-        while True:
-            seq = self.queue.pop(now)
+    def next_queued(self, model: str, now: float, max_level: int = -1) -> Task | None:
+        """Take the next task of `model` out of line (not yet running); with `max_level`,
+        only tasks of that priority level or more urgent."""
+        queue = self.queues.get(model)
+        while queue is not None:
+            seq = queue.pop(now, max_level)
             if seq < 0:
                 return None
             task = self.by_seq.pop(seq, None)
             if task is not None:
+                self.urgent.get(model, {}).pop(seq, None)
                 return task
+        return None
+
+    def put_back(self, task: Task) -> None:
+        """Undo next_queued: the task goes back to the head of its level."""
+        self._enqueue(task, task.record.created_at, front=True)
 
     def start(self, task: Task, worker: str, now: float) -> None:
         rec = task.record
         rec.state, rec.started_at, rec.worker = "running", now, worker
+        rec.attempts += 1
 
     def unqueue(self, task: Task) -> None:
         """Out of line without running (cancelled, expired, claimed by a worker that runs it)."""
-        self.queue.cancel(task.seq)
+        self._queue(task.record.model).cancel(task.seq)
         self.by_seq.pop(task.seq, None)
+        self.urgent.get(task.record.model, {}).pop(task.seq, None)
 
-    def requeue(self, task: Task) -> None:
-        """A running task goes back in line at its priority, with its original arrival
-        time (aging counts from then). Raises QueueFull."""
+    def requeue(self, task: Task, lost_on: str | None = None) -> None:
+        """A running task goes back in line: at the head of its priority level (it waited
+        already), with its original arrival time (aging counts from then); it will
+        avoid `lost_on`, the instance that lost it. Raises QueueFull."""
         rec = task.record
-        task.requeues += 1
         task.text.clear()
         task.tokens_seq = 0
+        if lost_on is not None:
+            task.requeues += 1
+            task.lost_on.add(lost_on)
         rec.state, rec.started_at, rec.worker = "queued", None, None
-        self._enqueue(task, rec.created_at)
+        self._enqueue(task, rec.created_at, front=True)
         self.journal.write(task.seq, rec)
 
     def finish(self, task: Task, state: str, result: P.TaskResult | None = None,

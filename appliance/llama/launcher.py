@@ -8,14 +8,18 @@ loop; everything about llama.cpp lives here, in client.py and in tasks.py.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Callable
 
+from .. import instances
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..worker import WorkerLoop
 from .client import LlamaClient
+from .provenance import quantization_of, sha256_of
 from .server import ServerStartError, new_api_key, start_server
 from .tasks import run_task
 from .tinymodel import ensure_tiny_model
@@ -23,35 +27,58 @@ from .tinymodel import ensure_tiny_model
 log = logging.getLogger("appliance.llama")
 
 
+def count_start(s: Settings, name: str) -> int:
+    """How many times this instance has started since `appliance up` (which clears the counts)."""
+    path = Path(s.run_dir) / f"{name}.starts"
+    try:
+        starts = int(path.read_text()) + 1
+    except (OSError, ValueError):
+        starts = 1
+    path.write_text(str(starts))
+    return starts
+
+
 class LlamaHandler:
     """The worker loop's handler for one llama.cpp server."""
 
-    def __init__(self, settings: Settings, index: int):
+    def __init__(self, settings: Settings, inst: instances.Instance):
         self.s = settings
-        self.index = index
-        self.name = f"llama-{index}"
-        self.model = settings.model_name
-        self.slots = settings.llama_slots
+        self.inst = inst
+        self.name = inst.name
+        self.model = inst.alias
+        self.slots = inst.slots
+        self.reserved = inst.reserved_slots
+        self.gpu = inst.gpu
+        self.starts = 1
         self.endpoint = ""
         self.server = None
         self.client: LlamaClient | None = None
+        self.provenance: P.Provenance | None = None
 
     def start(self) -> None:
         ensure_dirs(self.s)
-        if self.s.uses_tiny_model:
-            ensure_tiny_model(self.s.model_file)
-        elif not self.s.model_file.is_file():
-            raise ServerStartError(f"MODEL_PATH={self.s.model_path} does not exist")
+        inst = self.inst
+        if inst.tiny:
+            ensure_tiny_model(Path(inst.model_path))
+        elif not Path(inst.model_path).is_file():
+            raise ServerStartError(f"{inst.name}: model {inst.model_path} does not exist")
+        self.starts = count_start(self.s, inst.name)
+        path = Path(inst.model_path)
         t0 = time.monotonic()
-        self.server = start_server(self.s, self.index, self.model, api_key=new_api_key(self.s, self.index))
+        self.provenance = P.Provenance(model=inst.alias, gguf_sha256=sha256_of(path, Path(self.s.data_dir)),
+                                       quantization=quantization_of(path), instance=inst.name)
+        t1 = time.monotonic()
+        self.server = start_server(self.s, inst, api_key=new_api_key(self.s, inst.name))
         self.endpoint = self.server.base_url
         self.client = LlamaClient(self.server.base_url, self.server.api_key)
-        log.info("%s: llama.cpp healthy at %s in %.2fs (model %s, %d slots)", self.name, self.endpoint,
-                 time.monotonic() - t0, self.model, self.slots)
+        log.info("%s: llama.cpp healthy at %s in %.2fs (model %s, %s, sha256 %s... in %.2fs; %d slots, %d "
+                 "reserved; %s; start %d)", inst.name, self.endpoint, time.monotonic() - t1, inst.alias,
+                 self.provenance.quantization, self.provenance.gguf_sha256[:12], t1 - t0, inst.slots,
+                 inst.reserved_slots, f"GPU {inst.gpu}" if inst.gpu >= 0 else "CPU only", self.starts)
 
     def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None]) -> P.Done:
         try:
-            done = run_task(self.client, self.model, task_id, spec, deadline, on_text)
+            done = run_task(self.client, self.model, task_id, spec, deadline, on_text, self.provenance)
         finally:
             self.client.forget(task_id)
         if self.s.log_clinical_text:  # explicit opt-in, announced at start
@@ -70,10 +97,13 @@ class LlamaHandler:
             self.server.stop()
 
 
-def main(settings: Settings, index: int) -> None:
+def main(settings: Settings, name: str) -> None:
     if settings.log_clinical_text:
         log.warning("!!! LOG_CLINICAL_TEXT=true: prompts and generated text WILL be written to this log")
-    handler = LlamaHandler(settings, index)
+    inst = instances.find(instances.load(settings), name)
+    # Pinned to its GPU (an embedded CPU build ignores it; an external CUDA server inherits it).
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(inst.gpu) if inst.gpu >= 0 else ""
+    handler = LlamaHandler(settings, inst)
     loop = WorkerLoop(handler, settings.broker_back, settings.worker_liveness_s)
     signal.signal(signal.SIGTERM, loop.stop)  # also during the model's start: serve() then returns at once
     signal.signal(signal.SIGINT, loop.stop)

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from ..config import Settings
+from ..instances import Instance
 
 log = logging.getLogger("appliance.llama")
 
@@ -57,7 +58,7 @@ class _Base:
         """Raise if the server process is gone (only meaningful for an external binary)."""
 
 
-def new_api_key(s: Settings, index: int) -> str:
+def new_api_key(s: Settings, name: str) -> str:
     """A fresh key for one llama.cpp server's life, also left in RUN_DIR (mode 0600).
 
     llama.cpp has no users: without a key any local process could use the model or
@@ -66,7 +67,7 @@ def new_api_key(s: Settings, index: int) -> str:
     get in. /health stays open, as llama.cpp keeps it.
     """
     key = secrets.token_urlsafe(32)
-    path = Path(s.run_dir) / f"llama-{index}.key"
+    path = Path(s.run_dir) / f"{name}.key"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -77,32 +78,32 @@ def new_api_key(s: Settings, index: int) -> str:
 class EmbeddedServer(_Base):
     """llama.cpp's own server compiled into the xllamacpp wheel, on native threads."""
 
-    def __init__(self, s: Settings, port: int, alias: str, api_key: str | None = None):
+    def __init__(self, s: Settings, inst: Instance, port: int, api_key: str | None = None):
         import xllamacpp as xlc
 
         self.api_key = api_key
         p = xlc.CommonParams()
-        p.model.path = str(s.model_file)
+        p.model.path = inst.model_path
         p.hostnames = [s.llama_host]
         p.port = port
-        p.n_ctx = s.llama_ctx
-        p.n_parallel = s.llama_slots
-        p.cpuparams.n_threads = s.llama_threads
-        p.cpuparams_batch.n_threads = s.llama_threads
-        p.n_threads_http = max(2, s.llama_slots + 1)
-        p.n_gpu_layers = s.llama_gpu_layers
-        p.embedding = True  # the same instance serves `embed` tasks (mean pooling)
+        p.n_ctx = inst.ctx
+        p.n_parallel = inst.slots
+        p.cpuparams.n_threads = inst.threads
+        p.cpuparams_batch.n_threads = inst.threads
+        p.n_threads_http = max(2, inst.slots + 1)
+        p.n_gpu_layers = inst.gpu_layers
+        p.embedding = inst.embeddings  # the same instance serves `embed` tasks (mean pooling)
         p.pooling_type = xlc.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
         p.endpoint_slots = True
         p.endpoint_metrics = True
-        p.model_alias = {alias}
+        p.model_alias = {inst.alias}
         p.warmup = False
         if api_key:
             p.api_keys = [api_key]
         try:
             self._server = xlc.Server(p)
         except RuntimeError as exc:  # the reason itself went to stderr (our log file)
-            raise ServerStartError(f"llama.cpp refused to start on {s.model_file}: {exc}") from None
+            raise ServerStartError(f"llama.cpp refused to start on {inst.model_path}: {exc}") from None
         addr = self._server.listening_address
         self.base_url = addr if addr.startswith("http") else f"http://{addr}"
 
@@ -124,19 +125,23 @@ def _die_with_parent() -> None:
 class ExternalServer(_Base):
     """A `llama-server` binary the operator configured (a CUDA build on a GPU box)."""
 
-    def __init__(self, s: Settings, port: int, alias: str, api_key: str | None = None):
+    def __init__(self, s: Settings, inst: Instance, port: int, api_key: str | None = None):
         self.api_key = api_key
         cmd = [
-            s.llama_server_bin, "--model", str(s.model_file), "--host", s.llama_host, "--port", str(port),
-            "--ctx-size", str(s.llama_ctx), "--parallel", str(s.llama_slots), "--threads", str(s.llama_threads),
-            "--n-gpu-layers", str(s.llama_gpu_layers), "--alias", alias, "--slots", "--metrics", "--embeddings", "--pooling", "mean",
+            inst.server_bin, "--model", inst.model_path, "--host", s.llama_host, "--port", str(port),
+            "--ctx-size", str(inst.ctx), "--parallel", str(inst.slots), "--threads", str(inst.threads),
+            "--n-gpu-layers", str(inst.gpu_layers), "--alias", inst.alias, "--slots", "--metrics",
+            *(["--embeddings", "--pooling", "mean"] if inst.embeddings else []), *inst.extra_args,
         ]
+        # Pinned to its GPU; a CPU-only instance sees none (a CUDA build still took 648 MiB
+        # of GPU memory with no layers offloaded).
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(inst.gpu) if inst.gpu >= 0 else ""}
+        if api_key:  # in the environment (owner-only /proc/PID/environ), not argv (world-readable)
+            env["LLAMA_API_KEY"] = api_key
         try:
-            # the key goes in the environment (owner-only /proc/PID/environ), not argv (world-readable)
-            env = {**os.environ, "LLAMA_API_KEY": api_key} if api_key else None
             self._proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=env)
         except OSError as exc:
-            raise ServerStartError(f"cannot run LLAMA_SERVER_BIN={s.llama_server_bin}: {exc}") from None
+            raise ServerStartError(f"cannot run {inst.server_bin}: {exc}") from None
         self.base_url = f"http://{s.llama_host}:{port}"
 
     def check_alive(self) -> None:
@@ -152,14 +157,28 @@ class ExternalServer(_Base):
                 self._proc.kill()
 
 
-def start_server(s: Settings, index: int, alias: str, api_key: str | None = None):
-    port = s.llama_port_base + index if s.llama_port_base else 0
-    if s.llama_server_bin:
-        if not os.access(s.llama_server_bin, os.X_OK):
-            raise ServerStartError(f"LLAMA_SERVER_BIN={s.llama_server_bin} is not an executable file")
-        server = ExternalServer(s, port or free_port(s.llama_host), alias, api_key)
+def port_for(s: Settings, inst: Instance) -> int:
+    """The instance's preferred port when it is free, else a free one (the log says which)."""
+    if inst.port:
+        try:
+            with socket.socket() as probe:
+                probe.bind((s.llama_host, inst.port))
+            return inst.port
+        except OSError:
+            port = free_port(s.llama_host)
+            log.warning("%s: port %d is taken; listening on %d instead", inst.name, inst.port, port)
+            return port
+    return free_port(s.llama_host)
+
+
+def start_server(s: Settings, inst: Instance, api_key: str | None = None):
+    port = port_for(s, inst)
+    if inst.engine == "external":
+        if not os.access(inst.server_bin, os.X_OK):
+            raise ServerStartError(f"{inst.server_bin} (server_bin / LLAMA_SERVER_BIN) is not an executable file")
+        server = ExternalServer(s, inst, port, api_key)
     else:
-        server = EmbeddedServer(s, port, alias, api_key)
+        server = EmbeddedServer(s, inst, port, api_key)
     try:
         server.wait_healthy(s.llama_start_timeout_s)
     except BaseException:

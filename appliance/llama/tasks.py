@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import secrets
 import time
 
 import jsonschema
@@ -19,15 +20,32 @@ from ..grammar import SchemaError, compile_schema
 from .client import Aborted, LlamaClient, LlamaHTTPError
 
 
-def request_for(spec: P.TaskSpec) -> tuple[str, dict]:
-    """The llama.cpp (OpenAI-style) request that runs this task."""
+# llama.cpp's own defaults, sent explicitly so that a result can state what it ran with.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+
+
+def sampling_for(spec: P.TaskSpec) -> P.Sampling | None:
+    """Every sampling parameter of a generation, explicit: the client's, else llama.cpp's
+    defaults, and a seed drawn here when the client gave none, so that the provenance
+    of its result is enough to run it again."""
+    if isinstance(spec, P.EmbedTask):
+        return None
+    temperature = spec.temperature if spec.temperature is not None else DEFAULT_SAMPLING["temperature"]
+    seed = spec.seed if spec.seed is not None else secrets.randbits(31)
+    return P.Sampling(temperature=temperature, top_k=DEFAULT_SAMPLING["top_k"], top_p=DEFAULT_SAMPLING["top_p"],
+                      min_p=DEFAULT_SAMPLING["min_p"], seed=seed, max_tokens=spec.max_tokens)
+
+
+def request_for(spec: P.TaskSpec, sampling: P.Sampling | None = None) -> tuple[str, dict]:
+    """The llama.cpp (OpenAI-style) request that runs this task. `cache_prompt` keeps the
+    prompt's KV cache in the slot, so that the next turn of a conversation routed back
+    here (prefix affinity) evaluates only what is new."""
     if isinstance(spec, P.EmbedTask):
         return "/v1/embeddings", {"input": spec.texts}
-    body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}}
-    if spec.temperature is not None:
-        body["temperature"] = spec.temperature
-    if spec.seed is not None:
-        body["seed"] = spec.seed
+    sampling = sampling or sampling_for(spec)
+    body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}, "cache_prompt": True,
+                  "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+                  "min_p": sampling.min_p, "seed": sampling.seed}
     if isinstance(spec, P.CompleteTask):
         body["prompt"] = spec.prompt
         return "/v1/completions", body
@@ -52,7 +70,8 @@ def _failure(task_id: str, exc: BaseException, spec: P.TaskSpec) -> P.Done:
     if isinstance(exc, TimeoutError):
         return P.Done(task_id, error=P.TaskError("timeout", f"did not finish within {spec.timeout_s:g}s"))
     if isinstance(exc, LlamaHTTPError):
-        return P.Done(task_id, error=P.TaskError("llama_rejected", str(exc)))
+        code = "context_exceeded" if exc.code == "exceed_context_size_error" else "llama_rejected"
+        return P.Done(task_id, error=P.TaskError(code, str(exc)))
     return P.Done(task_id, error=P.TaskError("llama_unavailable", f"{type(exc).__name__}: {exc}"))
 
 
@@ -60,15 +79,16 @@ _REQUEST_ERRORS = (Aborted, TimeoutError, LlamaHTTPError, OSError, http.client.H
 
 
 def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, deadline: float,
-             on_text=None) -> P.Done:
+             on_text=None, provenance: P.Provenance | None = None) -> P.Done:
     """One task against llama.cpp; every failure becomes a Done with an error code.
 
     `on_text(piece)` is called with each piece of generated text as it arrives.
     """
     if deadline - time.time() <= 0:
         return P.Done(task_id, error=P.TaskError("timeout", "deadline passed before the model started"))
+    sampling = sampling_for(spec)
     try:
-        path, body = request_for(spec)
+        path, body = request_for(spec, sampling)
     except SchemaError as exc:  # the API checks schemas up front; a direct client may not have
         return P.Done(task_id, error=P.TaskError("invalid_schema", str(exc)))
     if isinstance(spec, P.EmbedTask):
@@ -82,7 +102,7 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
         except (KeyError, TypeError, ValueError) as exc:
             return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected answer shape: {exc}"))
         usage = data.get("usage") or {}
-        return P.Done(task_id, result=P.TaskResult(embeddings=vectors, model=model,
+        return P.Done(task_id, result=P.TaskResult(embeddings=vectors, model=model, provenance=provenance,
                                                    prompt_tokens=usage.get("prompt_tokens", 0)))
     pieces: list[str] = []
     finish_reason, usage, timings = "", {}, None
@@ -104,24 +124,27 @@ def run_task(client: LlamaClient, model: str, task_id: str, spec: P.TaskSpec, de
     except _REQUEST_ERRORS as exc:
         return _failure(task_id, exc, spec)
     text = "".join(pieces)
-    data = None
-    if isinstance(spec, P.ExtractTask):
-        try:
-            data = json.loads(text)
-            validate_extract(data, spec.json_schema)
-        except (ValueError, jsonschema.ValidationError, referencing.exceptions.Unresolvable) as exc:
-            why = "cut off by max_tokens" if finish_reason == "length" else str(exc).splitlines()[0]
-            return P.Done(task_id, error=P.TaskError("extract_invalid", f"output is not valid against the "
-                                                     f"schema: {why}"))
     try:
-        return P.Done(task_id, result=P.TaskResult(
-            text=text,
-            data=data,
-            finish_reason=finish_reason,
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-            model=model,
-            timings=msgspec.convert(timings, P.Timings) if timings else None,
-        ))
+        timings = msgspec.convert(timings, P.Timings) if timings else None
     except msgspec.ValidationError as exc:
         return P.Done(task_id, error=P.TaskError("llama_bad_response", f"unexpected timings: {exc}"))
+    result = P.TaskResult(
+        text=text,
+        finish_reason=finish_reason,
+        prompt_tokens=usage.get("prompt_tokens", 0),
+        completion_tokens=usage.get("completion_tokens", 0),
+        cached_tokens=timings.cache_n if timings else 0,
+        model=model,
+        timings=timings,
+        provenance=msgspec.structs.replace(provenance, sampling=sampling) if provenance else None,
+    )
+    if isinstance(spec, P.ExtractTask):
+        try:
+            result.data = json.loads(text)
+            validate_extract(result.data, spec.json_schema)
+        except (ValueError, jsonschema.ValidationError, referencing.exceptions.Unresolvable) as exc:
+            result.data = None  # the text stays: what the model produced, for the caller to see
+            why = "cut off by max_tokens" if finish_reason == "length" else str(exc).splitlines()[0]
+            return P.Done(task_id, result=result, error=P.TaskError(
+                "extract_invalid", f"output is not valid against the schema: {why}"))
+    return P.Done(task_id, result=result)

@@ -1,0 +1,121 @@
+"""The broker's handlers for its clients (the API workers): one per message kind.
+
+A mixin of the Broker (server.py), which owns the sockets and the loop; the state is
+in its task table, worker pool and stats book.
+"""
+from __future__ import annotations
+
+import time
+
+from .. import protocol as P
+from .stats import HealthInput, health
+
+
+class ClientSide:
+    def _visible(self, task_id: str, tenant: str, all_tenants: bool) -> P.TaskRecord | None:
+        """The record, unless it belongs to another tenant (then, like an unknown id: None)."""
+        rec = self.table.lookup(task_id)
+        return rec if rec is not None and (all_tenants or rec.tenant == tenant) else None
+
+    def on_submit(self, identity: bytes, msg: P.Submit) -> None:
+        idem = f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key is not None else None
+        if idem is not None:
+            earlier = self.table.idempotent(idem)
+            if earlier is not None and (rec := self.table.lookup(earlier)) is not None:
+                # after this loop's commit, like the original's ack: it may be in the same batch
+                self._reply_after_commit(identity, P.Accepted(msg.req, earlier, rec.state))
+                return
+        if msg.task_id is not None and (len(msg.task_id) != 32 or self.table.lookup(msg.task_id) is not None):
+            self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
+            return
+        self._accept(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
+
+    def on_submit_batch(self, identity: bytes, msg: P.SubmitBatch) -> None:
+        self._accept(identity, msg.req, msg.specs, msg.tenant, batch=True)
+
+    def _refusal(self, specs: list[P.TaskSpec], batch: bool) -> tuple[str, str] | None:
+        """Why these specs cannot be queued, as (code, message); None when they can."""
+        for i, spec in enumerate(specs):
+            where = f"tasks[{i}]." if batch else ""
+            problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
+            if problem is not None:
+                return "invalid_field", f"{where}{problem[0]}: {problem[1]}"
+            if spec.model is not None and spec.model not in self.known_models():
+                return "model_not_found", (f"{where}model: no instance is configured for {spec.model!r}; "
+                                           f"models: {', '.join(self.known_models())}")
+        if batch and len(specs) > self.s.max_batch:
+            return "batch_too_large", f"at most {self.s.max_batch} tasks per batch"
+        if len(specs) > (free := self.table.room()):
+            return "queue_full", f"{len(specs)} tasks do not fit: {free} of {self.s.queue_max_size} places free"
+        return None
+
+    def _accept(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
+                task_id: str | None = None, idem: str | None = None) -> None:
+        """Queue one task or a whole batch (atomic: all or none); the ack waits for the commit.
+
+        A model that is configured but has no live instance queues (health says so); a
+        model no instance is configured for is refused at once."""
+        refusal = self._refusal(specs, batch)
+        if refusal is not None:
+            self._reply(identity, P.Refused(req, *refusal))
+            return
+        now = time.time()
+        ids = [self.table.add(P.with_timeout(spec, self.s.task_timeout_max_s), spec.model or self.default_model(),
+                              tenant, now,
+                              task_id if not batch else None, idem).task_id for spec in specs]
+        self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
+        self._unacked.append((identity, req, ids))
+
+    def on_query(self, identity: bytes, msg: P.Query) -> None:
+        rec = self._visible(msg.task_id, msg.tenant, msg.all_tenants)
+        if rec is None:
+            self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
+            return
+        info = P.TaskInfo(msg.req, rec)
+        task = self.table.get(msg.task_id)
+        if task is not None and rec.state == "queued":
+            info.position = self.table.position(task)
+        elif task is not None and rec.state == "running":
+            info.text_so_far, info.tokens_seq = "".join(task.text), task.tokens_seq
+        self._reply(identity, info)
+
+    def on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
+        rec = self._visible(msg.task_id, msg.tenant, msg.all_tenants)
+        task = self.table.get(msg.task_id)
+        if rec is None:
+            self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
+        elif task is None:
+            self._reply(identity, P.Refused(msg.req, "already_final", f"the task is already {rec.state}"))
+        else:
+            if rec.state == "running":
+                self._abort_running(task, "cancelled")
+            rec = self._finish(task, "cancelled", error=P.TaskError("cancelled", "cancelled by request"))
+            self._reply_after_commit(identity, P.TaskInfo(msg.req, rec))  # like a submit's ack
+
+    def on_ping(self, identity: bytes, msg: P.Ping) -> None:
+        ready = sum(1 for w in self.pool if w.slots > 0)
+        self._reply(identity, P.Pong(msg.req, ready, self.table.queued, self.pool.running_total(), self.gpu_state,
+                                     self.pool.models(), self.known_models()))
+
+    def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
+        book, table = self.book, self.table
+        oldest = table.oldest_queued()
+        oldest_s = time.time() - oldest.record.created_at if oldest is not None else 0.0
+        state, reason = health(HealthInput(
+            queued=table.queued, workers=len(self.pool), since_progress_s=book.since_progress(),
+            oldest_queued_s=oldest_s, max_size=self.s.queue_max_size, stall_s=self.s.health_stall_s,
+            backlog_wait_s=self.s.health_backlog_wait_s, unserved=self._unserved_models()))
+        p50, p95, p99 = book.dispatch_percentiles()
+        self._reply(identity, P.Stats(
+            req=msg.req, depth=table.depth(), queued=table.queued, running=self.pool.running_total(),
+            max_size=self.s.queue_max_size, workers=self.pool.view(), dispatch_p50_ms=p50, dispatch_p95_ms=p95,
+            dispatch_p99_ms=p99, completed_per_min=float(book.per_minute()), finished=dict(book.final_states),
+            oldest_queued_s=oldest_s, last_progress_s=book.since_progress(), health=state, health_reason=reason,
+            replies_deferred=self.outbox.deferred, replies_undeliverable=self.outbox.undeliverable,
+            workers_dropped=self.pool.dropped, depth_by_model=table.depth_by_model(),
+            preemptions=book.preemptions))
+
+    def _unserved_models(self) -> list[str]:
+        """Models with queued tasks and no registered instance."""
+        served = set(self.pool.models())
+        return sorted(m for m in self.table.waiting_models() if m not in served)

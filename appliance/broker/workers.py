@@ -1,0 +1,174 @@
+"""The broker's handlers for its workers (the launchers), dispatch and preemption.
+
+A mixin of the Broker (server.py). Dispatch runs once per loop iteration: for each
+model with queued tasks, while one of its instances may take work, the queue gives
+the next task (only critical/high when nothing but reserved slots is free) and the
+pool's routing picks the instance. Preemption is the last resort for critical work:
+when a critical or high task has waited CRITICAL_MAX_WAIT_MS and no instance of its
+model can take it, the lowest-priority running task below `high` on that model
+(the most recently started: the least work lost) is aborted in llama.cpp and put
+back at the head of its level; its status counts it (`preempted`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from .. import protocol as P
+from ._pqueue import QueueFull
+from .pool import URGENT, Worker
+from .tasks import Task
+
+log = logging.getLogger("appliance.broker")
+
+# A task whose worker vanished is requeued this many times, then failed `worker_lost`.
+MAX_REQUEUES = 1
+# A preempted task's freed slot is expected back within this long (then counted as free again).
+FREEING_S = 5.0
+
+
+class WorkerSide:
+    def _send_worker(self, identity: bytes, msg) -> None:
+        try:
+            self.back.send_multipart([identity, P.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or HWM: liveness will sort it out
+            log.debug("send to worker failed: %s", exc)
+
+    def _abort_running(self, task: Task, reason: str) -> None:
+        worker = self.pool.release(task.task_id)
+        if worker is not None:
+            self._send_worker(worker.identity, P.Abort(task.task_id, reason))
+
+    def on_ready(self, identity: bytes, msg: P.Ready, now: float) -> None:
+        """Register a worker; what it says it still runs stays its own.
+
+        A worker re-registers after it reconnected (it found us silent) or after we
+        restarted. Its tasks that it no longer runs are requeued; those it still runs
+        stay with it, and after a broker restart (when the journal's running tasks came
+        back queued) it claims them back, so none runs twice. A task it runs that is
+        final by now (cancelled, timed out while it was away) is aborted there."""
+        worker, lost = self.pool.register(identity, msg, now)
+        self._requeue(lost, msg.worker)
+        wall = time.time()
+        for task_id in set(msg.running) - set(worker.running):
+            task = self.table.get(task_id)
+            if task is None or task.record.state != "queued":  # final, or running elsewhere: stop this copy
+                self._send_worker(identity, P.Abort(task_id, "cancelled"))
+                continue
+            self.table.unqueue(task)
+            self.table.start(task, worker.name, task.record.started_at or wall)
+            worker.running[task_id] = task.level
+            self.table.journal.write(task.seq, task.record)
+        self.note_model(msg.model)
+        log.info("worker %s ready: model=%s slots=%d (%d reserved) gpu=%d at %s; %d running tasks kept",
+                 msg.worker, msg.model, msg.slots, msg.reserved, msg.gpu, msg.endpoint, len(worker.running))
+
+    def on_tokens(self, msg: P.Tokens, payload: bytes) -> None:
+        task = self.table.get(msg.task_id)
+        if task is not None and task.record.state == "running":
+            task.text.append(msg.text)
+            task.tokens_seq = msg.seq
+            self.events.send_multipart([msg.task_id.encode(), payload])
+
+    def on_done(self, worker: Worker | None, msg: P.Done) -> None:
+        """A result is kept from whichever worker ran the task (a former one after a
+        requeue or a broker restart too). A failure ends the task when it comes from the
+        worker running it now, or from a former one while the task waits in line (after
+        a broker restart); never the failure of a copy we stopped ourselves (preempted,
+        or cancelled as a duplicate): the task goes on."""
+        self._freeing.pop(msg.task_id, None)
+        current = worker is not None and worker.running.pop(msg.task_id, None) is not None
+        if worker is not None and msg.result is not None:
+            self.pool.measured(worker, msg.result.timings)
+        task = self.table.get(msg.task_id)
+        if task is None:  # already final (cancelled, timed out) or unknown
+            return
+        error = msg.error or (None if msg.result is not None else P.TaskError("worker_error", "no result"))
+        if error is None:
+            if not current:
+                self._abort_running(task, "cancelled")  # a second copy may run elsewhere
+            self._finish(task, "completed", result=msg.result)
+        elif current or (task.record.state == "queued" and error.code not in ("preempted", "cancelled")):
+            self._finish(task, "failed", result=msg.result, error=error)  # a result, if any: what it produced
+
+    def _drop(self, worker: Worker, why: str) -> None:
+        running = self.pool.remove(worker)
+        log.warning("worker %s dropped (%s); %d running tasks affected", worker.name, why, len(running))
+        self._requeue(running, worker.name)
+
+    def _requeue(self, task_ids: set[str], worker_name: str) -> None:
+        """Tasks of a lost worker go back in line, once, avoiding it; a second loss fails them."""
+        for task_id in task_ids:
+            task = self.table.get(task_id)
+            if task is None:
+                continue
+            if task.requeues >= MAX_REQUEUES:
+                self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker_name} lost twice"))
+                continue
+            try:
+                self.table.requeue(task, lost_on=worker_name)
+            except QueueFull:
+                self._finish(task, "failed", error=P.TaskError("worker_lost", "requeue refused: queue full"))
+
+    def _dispatch(self) -> None:
+        if not self.table.queued or not len(self.pool):
+            return
+        now = time.time()
+        for model in self.table.waiting_models():
+            while True:
+                low_ok, urgent_ok = self.pool.can_take(model)
+                if not urgent_ok:
+                    break
+                task = self.table.next_queued(model, now, -1 if low_ok else URGENT)
+                if task is None:
+                    break
+                worker = self.pool.choose(model, task.level, task.key, frozenset(task.lost_on))
+                if worker is None:  # the queue and the pool disagree: never lose the task
+                    self.table.put_back(task)
+                    break
+                self.table.start(task, worker.name, now)
+                self.pool.assign(worker, task.task_id, task.level)
+                self.book.dispatched(now - task.record.created_at)
+                self._send_worker(worker.identity, P.Dispatch(task.task_id, task.spec, task.deadline))
+
+    def _preempt(self) -> None:
+        """Free a slot for critical work that has waited too long (see the module's docstring)."""
+        limit_s = self.s.critical_max_wait_ms / 1000
+        if limit_s <= 0 or not self.table.urgent:
+            return
+        now = time.time()
+        for task_id, since in list(self._freeing.items()):
+            if now - since[1] > FREEING_S:
+                del self._freeing[task_id]
+        for model, oldest, waiting in list(self.table.oldest_urgent()):
+            freeing = sum(1 for m, _ in self._freeing.values() if m == model)
+            if now - oldest < limit_s or waiting <= freeing or self.pool.can_take(model)[1]:
+                continue
+            victim = self._victim(model)
+            if victim is None:
+                continue
+            log.info("preempting task %s (%s) on %s for critical work of %s waiting %.0f ms", victim.task_id,
+                     victim.record.priority, victim.record.worker, model, (now - oldest) * 1000)
+            self._abort_running(victim, "preempted")
+            self._freeing[victim.task_id] = (model, now)
+            victim.record.preempted += 1
+            self.book.preemptions += 1
+            try:
+                self.table.requeue(victim)
+            except QueueFull:
+                self._finish(victim, "failed", error=P.TaskError("preempted", "stopped for critical work; "
+                                                                 "no room to queue it again"))
+
+    def _victim(self, model: str) -> Task | None:
+        """The running task below `high` on `model` with the lowest priority, started last."""
+        best: Task | None = None
+        for worker in self.pool.serving(model):
+            for task_id, level in worker.running.items():
+                task = self.table.get(task_id)
+                if level <= URGENT or task is None:
+                    continue
+                if best is None or (level, task.record.started_at or 0) > (best.level, best.record.started_at or 0):
+                    best = task
+        return best

@@ -1,0 +1,136 @@
+"""The routing rule and the instances file, as pure functions: no sockets, no processes."""
+from __future__ import annotations
+
+import pytest
+
+from appliance import instances
+from appliance import protocol as P
+from appliance.broker.routing import Candidate, Gpu, choose, throttled
+from appliance.broker.tasks import conversation_key
+from appliance.config import ConfigError, load_settings
+
+
+def cand(name, running=0, slots=2, reserved=0, low=None, free=None, spt=0.0, gpu=-1):
+    return Candidate(name, slots - running if free is None else free, slots, running,
+                     running if low is None else low, reserved, spt, gpu)
+
+
+def test_least_busy_wins_and_speed_counts():
+    assert choose([cand("a", running=1), cand("b")], False, {}).name == "b"
+    # b runs one task but is four times faster per token: its expected finish is sooner
+    fast_busy = [cand("a", spt=0.04), cand("b", running=1, spt=0.01, slots=4)]
+    assert choose(fast_busy, False, {}).name == "b"
+
+
+def test_reserved_slots_are_for_critical_and_high_only():
+    only_reserved_free = [cand("a", slots=2, running=1, reserved=1)]  # its one normal task holds the other slot
+    assert choose(only_reserved_free, urgent=False, gpus={}) is None
+    assert choose(only_reserved_free, urgent=True, gpus={}).name == "a"
+    # urgent tasks running in the non-reserved slots do not count against low work
+    assert choose([cand("a", slots=2, running=1, low=0, reserved=1)], False, {}).name == "a"
+
+
+def test_a_throttled_gpu_gets_nothing_new():
+    hot = {1: Gpu(throttled=True)}
+    pool = [cand("a", gpu=1), cand("b", running=1, gpu=0)]
+    assert choose(pool, False, hot).name == "b"
+    assert choose([cand("a", gpu=1)], True, hot) is None  # not even critical work
+    assert choose(pool, False, {}).name == "a"
+
+
+def test_affinity_holds_while_load_allows():
+    pool = [cand("a", running=1, slots=4), cand("b", slots=4)]
+    assert choose(pool, False, {}, affinity="a", slack=1).name == "a"  # one more than the least busy: kept
+    busier = [cand("a", running=2, slots=4), cand("b", slots=4)]
+    assert choose(busier, False, {}, affinity="a", slack=1).name == "b"  # two more: it moves
+    assert choose([cand("a", free=0), cand("b")], False, {}, affinity="a").name == "b"  # full: it moves
+
+
+def test_a_lost_task_avoids_the_instance_that_lost_it_when_it_can():
+    assert choose([cand("a"), cand("b", running=1)], False, {}, avoid=frozenset({"a"})).name == "b"
+    assert choose([cand("a")], False, {}, avoid=frozenset({"a"})).name == "a"  # the only one: retried there
+
+
+def test_low_gpu_memory_halves_the_appeal():
+    pool = [cand("a", gpu=0), cand("b", gpu=1)]
+    assert choose(pool, False, {0: Gpu(memory_free_fraction=0.01), 1: Gpu(memory_free_fraction=0.5)}).name == "b"
+
+
+@pytest.mark.parametrize("was, temp, expected", [
+    (False, 84.9, False), (False, 85.0, True), (True, 82.0, True), (True, 79.9, False), (False, 82.0, False),
+])
+def test_throttle_hysteresis(was, temp, expected):
+    assert throttled(was, temp, throttle_c=85, resume_c=80) is expected
+
+
+def test_a_conversation_keeps_its_key_across_turns():
+    turn1 = P.ChatTask(messages=[P.ChatMessage("system", "You are terse."), P.ChatMessage("user", "Chest pain?")])
+    turn2 = P.ChatTask(messages=[*turn1.messages, P.ChatMessage("assistant", "Describe it."),
+                                 P.ChatMessage("user", "Sharp, left side.")])
+    other = P.ChatTask(messages=[P.ChatMessage("system", "You are terse."), P.ChatMessage("user", "Fever?")])
+    assert conversation_key(turn1, "t") == conversation_key(turn2, "t") != conversation_key(other, "t")
+    assert conversation_key(turn1, "t") != conversation_key(turn1, "u")  # per tenant
+    assert conversation_key(P.ChatTask(messages=turn1.messages, session_id="x"), "t") == \
+        conversation_key(P.ChatTask(messages=other.messages, session_id="x"), "t")
+    assert conversation_key(P.EmbedTask(texts=["a"]), "t") is None
+
+
+# ------------------------------------------------------------------ the instances file
+@pytest.fixture
+def settings(tmp_path):
+    return load_settings({"APPLIANCE_HOME": str(tmp_path), "LLAMA_SLOTS": "3"})
+
+
+def test_without_a_file_three_instances_of_the_default_model(settings):
+    found = instances.load(settings)
+    assert [(i.name, i.alias, i.port, i.slots, i.reserved_slots) for i in found] == [
+        ("llama-0", "appliance-tiny", 8080, 3, 1), ("llama-1", "appliance-tiny", 8081, 3, 1),
+        ("llama-2", "appliance-tiny", 8084, 3, 1)]
+
+
+def test_entries_default_to_the_settings_and_name_their_model(settings, tmp_path):
+    gguf = tmp_path / "med-8b.gguf"
+    text = f'''
+[[instance]]
+name = "fast"
+model = "{gguf}"
+slots = 1
+gpu = 1
+gpu_layers = 999
+[[instance]]
+name = "tiny"
+'''
+    fast, tiny = instances.parse(text, settings)
+    assert (fast.alias, fast.slots, fast.reserved_slots, fast.gpu, fast.gpu_layers, fast.tiny) == \
+        ("med-8b", 1, 0, 1, 999, False)
+    assert (tiny.alias, tiny.slots, tiny.gpu, tiny.tiny) == ("appliance-tiny", 3, -1, True)
+    assert instances.models([fast, tiny]) == ["med-8b", "appliance-tiny"]
+    with pytest.raises(ConfigError, match="med-8b.gguf does not exist"):
+        instances.check_files([fast, tiny])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[instance]]\nname = "a"\nslots = 0', r"instance\[0\].slots"),
+    ('[[instance]]\nname = "a"\nslotz = 2', "unknown field `slotz`"),
+    ('[[instance]]\nname = "A b"', r"instance\[0\].name"),
+    ('[[instance]]\nname = "a"\n[[instance]]\nname = "a"', "used twice"),
+    ('[[instance]]\nname = "broker"', "taken by another program"),
+    ('[[instance]]\nname = "a"\nslots = 2\nreserved_slots = 2', "fewer than slots"),
+    ('[[instance]]\nname = "a"\nengine = "external"', "needs server_bin"),
+    ('[[instance]]\nname = "a"\nmodel = "/m/x.gguf"\n[[instance]]\nname = "b"\nmodel = "/n/x.gguf"',
+     "names two different files"),
+    ("[[instance]\nname = 1", "not valid TOML"),
+    ("", "instance"),
+])
+def test_a_malformed_file_is_refused_naming_the_key(settings, text, message):
+    with pytest.raises(ConfigError, match=message):
+        instances.parse(text, settings)
+
+
+def test_the_supervisord_programs_are_generated_from_the_instances(settings):
+    from appliance.ops.supervisor import programs_conf
+
+    conf = programs_conf(instances.load(settings), "/var/log/app")
+    assert "[group:llama]\nprograms=llama-0,llama-1,llama-2" in conf
+    assert "[program:llama-2]\ncommand=python -m procs.llama llama-2" in conf
+    assert "stdout_logfile=/var/log/app/llama-1.log" in conf
