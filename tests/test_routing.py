@@ -6,7 +6,7 @@ import pytest
 from appliance import instances
 from appliance import protocol as P
 from appliance.broker.routing import Candidate, Gpu, choose, throttled
-from appliance.broker.tasks import conversation_key
+from appliance.broker.routing import conversation_key
 from appliance.config import ConfigError, load_settings
 
 

@@ -40,9 +40,9 @@ class ClientSide:
             problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
             if problem is not None:
                 return "invalid_field", f"{where}{problem[0]}: {problem[1]}"
-            if spec.model is not None and spec.model not in self.known_models():
+            if spec.model is not None and spec.model not in self.catalog.models:
                 return "model_not_found", (f"{where}model: no instance is configured for {spec.model!r}; "
-                                           f"models: {', '.join(self.known_models())}")
+                                           f"models: {', '.join(self.catalog.models)}")
         if batch and len(specs) > self.s.max_batch:
             return "batch_too_large", f"at most {self.s.max_batch} tasks per batch"
         if len(specs) > (free := self.table.room()):
@@ -60,7 +60,7 @@ class ClientSide:
             self._reply(identity, P.Refused(req, *refusal))
             return
         now = time.time()
-        ids = [self.table.add(P.with_timeout(spec, self.s.task_timeout_max_s), spec.model or self.default_model(),
+        ids = [self.table.add(P.with_timeout(spec, self.s.task_timeout_max_s), spec.model or self.catalog.default(),
                               tenant, now,
                               task_id if not batch else None, idem).task_id for spec in specs]
         self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
@@ -95,7 +95,7 @@ class ClientSide:
     def on_ping(self, identity: bytes, msg: P.Ping) -> None:
         ready = sum(1 for w in self.pool if w.slots > 0)
         self._reply(identity, P.Pong(msg.req, ready, self.table.queued, self.pool.running_total(), self.gpu_state,
-                                     self.pool.models(), self.known_models()))
+                                     self.pool.models(), self.catalog.models))
 
     def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
         book, table = self.book, self.table

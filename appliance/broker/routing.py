@@ -22,7 +22,10 @@ flap in and out at the threshold.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+
+from .. import protocol as P
 
 LOW_MEMORY_FRACTION = 0.05
 
@@ -88,3 +91,22 @@ def throttled(was: bool, temperature_c: float, throttle_c: float, resume_c: floa
     if temperature_c < resume_c:
         return False
     return was
+
+
+def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:
+    """What identifies a conversation for prefix affinity: its session id, else its
+    leading messages (up to and including the first user message, which every later
+    turn resends unchanged), else a completion's first 512 characters."""
+    if isinstance(spec, P.EmbedTask):
+        return None
+    if spec.session_id is not None:
+        return f"s\0{tenant}\0{spec.session_id}"
+    h = hashlib.blake2b(digest_size=12)
+    if isinstance(spec, P.CompleteTask):
+        h.update(spec.prompt[:512].encode())
+    else:
+        for m in spec.messages:
+            h.update(f"{m.role}\0{len(m.content)}\0".encode() + m.content.encode())
+            if m.role == "user":
+                break
+    return f"p\0{tenant}\0{h.hexdigest()}"

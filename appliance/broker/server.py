@@ -20,13 +20,13 @@ import time
 
 import zmq
 
-from .. import instances
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
 from ..store.journal import SqliteJournal
 from ._pqueue import PriorityQueue
 from .clients import ClientSide
+from .models import ModelCatalog
 from .outbox import Outbox
 from .pool import WorkerPool
 from .stats import StatsBook
@@ -66,8 +66,7 @@ class Broker(ClientSide, WorkerSide):
         self.pool = WorkerPool(s.worker_liveness_s, s.affinity_slack, s.gpu_throttle_c, s.gpu_resume_c)
         self.book = StatsBook()
         self.gpu_state = "unknown"
-        self._configured: list[str] = []          # models of the instances file, default first
-        self._instances_seen: float | None = None  # the file's mtime when last read
+        self.catalog = ModelCatalog(settings)
         self._acks: list[tuple[bytes, bytes]] = []             # replies that wait for the commit
         self._unacked: list[tuple[bytes, int, list[str]]] = []  # submits in this batch
         self._freeing: dict[str, tuple[str, float]] = {}        # preempted task -> (model, when)
@@ -76,40 +75,12 @@ class Broker(ClientSide, WorkerSide):
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
                                 P.GetStats: self.on_stats}
-        self._read_instances()
-        live, was_running, refused = self.table.recover(self.default_model())
+        live, was_running, refused = self.table.recover(self.catalog.default())
         for task in refused:
             self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
         self.table.commit()
         if live:
             log.info("recovered %d live tasks from the journal (%d were running)", live, was_running)
-
-    # ------------------------------------------------------------- models
-    def _read_instances(self) -> None:
-        """The configured models, re-read when the instances file changes (appliance reload)."""
-        path = instances.instances_path(self.s)
-        mtime = path.stat().st_mtime if path.is_file() else None
-        if self._configured and mtime == self._instances_seen:
-            return
-        try:
-            configured = instances.models(instances.load(self.s))
-        except SystemExit as exc:  # a bad edit must not stop the queue: keep what we have
-            log.error("instances file not (re)read: %s", exc.code)
-            return
-        self._instances_seen = mtime
-        if configured != self._configured:
-            log.info("configured models: %s", ", ".join(configured))
-        self._configured = configured
-
-    def note_model(self, model: str) -> None:
-        if model not in self._configured:
-            self._configured.append(model)  # a worker serves it: it is known from now on
-
-    def known_models(self) -> list[str]:
-        return self._configured
-
-    def default_model(self) -> str:
-        return self.s.default_model or (self._configured[0] if self._configured else instances.TINY_ALIAS)
 
     # ------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -236,7 +207,7 @@ class Broker(ClientSide, WorkerSide):
                 log.error("expiring old results failed: %s", exc)
         if now >= self._next_instances:
             self._next_instances = now + INSTANCES_EVERY_S
-            self._read_instances()
+            self.catalog.refresh()
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

@@ -12,7 +12,6 @@ result) and RESULT_TOMBSTONE_S (the record) have passed.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
 import time
 import uuid
@@ -25,31 +24,14 @@ import msgspec
 from .. import protocol as P
 from ..store.journal import Journal
 from ._pqueue import PriorityQueue, QueueFull
+from .deadlines import Deadlines
+from .routing import conversation_key
 
 # Final records kept in memory, so that polling clients rarely hit SQLite.
 FINISHED_CACHE = 10_000
 
 
 URGENT = P.LEVEL["high"]  # this level and above: critical work, tracked for preemption
-
-
-def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:
-    """What identifies a conversation for prefix affinity: its session id, else its
-    leading messages (up to and including the first user message, which every later
-    turn resends unchanged), else a completion's first 512 characters."""
-    if isinstance(spec, P.EmbedTask):
-        return None
-    if spec.session_id is not None:
-        return f"s\0{tenant}\0{spec.session_id}"
-    h = hashlib.blake2b(digest_size=12)
-    if isinstance(spec, P.CompleteTask):
-        h.update(spec.prompt[:512].encode())
-    else:
-        for m in spec.messages:
-            h.update(f"{m.role}\0{len(m.content)}\0".encode() + m.content.encode())
-            if m.role == "user":
-                break
-    return f"p\0{tenant}\0{h.hexdigest()}"
 
 
 @dataclass(slots=True)
@@ -92,7 +74,7 @@ class TaskTable:
         self.recent: OrderedDict[str, P.TaskRecord] = OrderedDict()  # final records, newest last
         self.idem: dict[str, str] = {}                       # idempotency key -> id, while live
         self._idem_release: list[str] = []                   # forgotten after the next commit
-        self._deadlines: list[tuple[float, int, str]] = []   # (deadline, seq, id), pruned lazily
+        self.deadlines = Deadlines()
         self._arrivals: list[int] = []                       # queued handles, oldest first; pruned lazily
         self.next_seq = 1
 
@@ -144,7 +126,7 @@ class TaskTable:
         self.live[task.task_id] = task
         if task.idem:
             self.idem[task.idem] = task.task_id
-        heapq.heappush(self._deadlines, (task.deadline, task.seq, task.task_id))
+        self.deadlines.add(task.deadline, task.seq, task.task_id)
         return task
 
     def _queue(self, model: str) -> PriorityQueue:
@@ -277,20 +259,14 @@ class TaskTable:
 
     def past_deadline(self, now: float) -> Iterator[Task]:
         """Live tasks whose deadline has come, earliest first (the caller makes them final)."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, seq, task_id = heapq.heappop(heap)
+        for seq, task_id in self.deadlines.due(now):
             task = self.live.get(task_id)
             if task is not None and task.seq == seq:
                 yield task
-        # Entries of tasks that finished early stay until their deadline; rebuild the
-        # heap when they outnumber the live ones, so memory follows the live tasks.
-        if len(heap) > 4 * len(self.live) + 1024:
-            self._deadlines = [(t.deadline, t.seq, tid) for tid, t in self.live.items()]
-            heapq.heapify(self._deadlines)
+        self.deadlines.prune(self.live)
 
     def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        return self.deadlines.next()
 
     # ------------------------------------------------------------- durability
     def commit(self) -> None:

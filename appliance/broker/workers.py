@@ -61,7 +61,7 @@ class WorkerSide:
             self.table.start(task, worker.name, task.record.started_at or wall)
             worker.running[task_id] = task.level
             self.table.journal.write(task.seq, task.record)
-        self.note_model(msg.model)
+        self.catalog.note(msg.model)
         log.info("worker %s ready: model=%s slots=%d (%d reserved) gpu=%d at %s; %d running tasks kept",
                  msg.worker, msg.model, msg.slots, msg.reserved, msg.gpu, msg.endpoint, len(worker.running))
 

@@ -3,7 +3,8 @@
 Why a recorded source: tests and CPU-only machines have no GPU, but the monitor's
 code path (init, device count, memory, temperature, utilization, errors) must still
 run. RecordedNvml answers the same calls as pynvml from a JSON file of samples taken
-on a real card, stepping to the next sample on each full read of device 0.
+on a real card, stepping to the next sample on each full read of device 0. When the
+file changes it is read again: a test can make a GPU heat up or cool down.
 
 Sample file format:
     {"devices": [{"name": "NVIDIA GeForce RTX 3090", "memory_total_mb": 24576,
@@ -54,6 +55,7 @@ class RecordedNvml:
 
     def nvmlInit(self) -> None:
         try:
+            self._mtime = self._path.stat().st_mtime_ns
             data = json.loads(self._path.read_text())
             devices = data["devices"]
             for d in devices:
@@ -73,6 +75,11 @@ class RecordedNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._check()
+        try:
+            if self._path.stat().st_mtime_ns != self._mtime:
+                self.nvmlInit()
+        except OSError:
+            pass  # gone for a moment (being replaced): the last samples stand
         return len(self._devices)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:

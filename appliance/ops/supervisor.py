@@ -67,8 +67,13 @@ def applied(s: Settings) -> dict[str, dict]:
         return {}
 
 
+def _as_json(inst: Instance) -> dict:
+    """An instance as the applied file holds it (tuples become lists), for comparison."""
+    return json.loads(msgspec.json.encode(inst))
+
+
 def record_applied(s: Settings, instances: list[Instance]) -> None:
-    data = {i.name: msgspec.to_builtins(i) for i in instances}
+    data = {i.name: _as_json(i) for i in instances}
     (_here(s) / APPLIED_FILE).write_text(json.dumps(data))
 
 
@@ -112,7 +117,7 @@ def reload(s: Settings, instances: list[Instance]) -> dict[str, list[str]]:
             if "NOT_RUNNING" not in fault.faultString:
                 raise
     report = proxy.appliance.updateGroup(GROUP)
-    changed = [n for n, inst in now.items() if n in before and before[n] != msgspec.to_builtins(inst)]
+    changed = [n for n, inst in now.items() if n in before and before[n] != _as_json(inst)]
     for name in changed:  # the launcher reads its instance at start: a restart applies the change
         restart(s, name)
     record_applied(s, instances)
