@@ -406,8 +406,8 @@ def short_ttl(tmp_path):
 
 def test_results_expire_then_are_forgotten(short_ttl, monkeypatch):
     import appliance.broker.server as server
-    import appliance.broker.tasks as tasks
-    monkeypatch.setattr(tasks, "FINISHED_CACHE", 1)  # older records come from the journal
+    import appliance.broker.records as records
+    monkeypatch.setattr(records, "FINISHED_CACHE", 1)  # older records come from the journal
     monkeypatch.setattr(server, "EXPIRE_EVERY_S", 0.1)
     b = Running(short_ttl)
     try:

@@ -53,8 +53,8 @@ def test_finish_takes_a_task_out_of_every_live_view(table):
 
 
 def test_lookup_hides_an_expired_result_then_forgets_the_record(table, monkeypatch):
-    import appliance.broker.tasks as tasks
-    monkeypatch.setattr(tasks, "FINISHED_CACHE", 0)  # read back from the journal
+    import appliance.broker.records as records
+    monkeypatch.setattr(records, "FINISHED_CACHE", 0)  # read back from the journal
     task = add(table)
     rec = table.finish(table.next_queued("m", 100.0), "completed", result=P.TaskResult(text="phi"))
     table.commit()

@@ -1,4 +1,4 @@
-"""The task table: every live task, recent final records, deadlines, idempotency keys.
+"""The task table: every live task, its queue, deadlines, idempotency keys.
 
 No sockets here: the broker loop asks the table and tells workers and clients. The
 table keeps three views of the same tasks consistent, which is why they live in one
@@ -6,30 +6,22 @@ place: the live map (queued and running tasks, by id), the priority queue (queue
 ones, by handle = journal sequence number), and the journal (every state change,
 committed in groups by the loop before anything is acknowledged).
 
-Finished tasks leave the live map at once; a bounded cache of their records spares
-polling clients a SQLite read, and the journal holds the rest until RESULT_TTL_S (the
-result) and RESULT_TOMBSTONE_S (the record) have passed.
+Finished tasks leave the live map at once, for the final records (records.py).
 """
 from __future__ import annotations
 
 import heapq
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
-
-import msgspec
 
 from .. import protocol as P
 from ..store.journal import Journal
 from ._pqueue import PriorityQueue, QueueFull
 from .deadlines import Deadlines
+from .records import FinalRecords
 from .routing import conversation_key
-
-# Final records kept in memory, so that polling clients rarely hit SQLite.
-FINISHED_CACHE = 10_000
-
 
 URGENT = P.LEVEL["high"]  # this level and above: critical work, tracked for preemption
 
@@ -66,12 +58,10 @@ class TaskTable:
         self.make_queue = make_queue
         self.queues: dict[str, PriorityQueue] = {}
         self.max_size = max_size
-        self.result_ttl_s = result_ttl_s
-        self.tombstone_s = tombstone_s
+        self.records = FinalRecords(journal, result_ttl_s, tombstone_s)
         self.live: dict[str, Task] = {}
         self.by_seq: dict[int, Task] = {}                    # queued tasks, by handle
         self.urgent: dict[str, dict[int, Task]] = {}         # queued critical/high tasks, per model
-        self.recent: OrderedDict[str, P.TaskRecord] = OrderedDict()  # final records, newest last
         self.idem: dict[str, str] = {}                       # idempotency key -> id, while live
         self._idem_release: list[str] = []                   # forgotten after the next commit
         self.deadlines = Deadlines()
@@ -158,17 +148,7 @@ class TaskTable:
         """A task's record wherever it is: live, recently finished, or in the journal;
         None once its tombstone time has passed. A record past RESULT_TTL_S has no result."""
         task = self.live.get(task_id)
-        if task is not None:
-            return task.record
-        rec = self.recent.get(task_id) or self.journal.get(task_id)
-        if rec is None:
-            return None
-        now = time.time() if now is None else now
-        if rec.finished_at is not None and now - rec.finished_at > self.result_ttl_s:
-            if now - rec.finished_at > self.result_ttl_s + self.tombstone_s:
-                return None
-            rec = msgspec.structs.replace(rec, result=None, result_expired=True)
-        return rec
+        return task.record if task is not None else self.records.get(task_id, now)
 
     def position(self, task: Task) -> int:
         return self._queue(task.record.model).position(task.seq)
@@ -251,9 +231,7 @@ class TaskTable:
         del self.live[rec.task_id]
         if task.idem:  # forgotten here once the journal has it (after this loop's commit)
             self._idem_release.append(task.idem)
-        self.recent[rec.task_id] = rec
-        if len(self.recent) > FINISHED_CACHE:
-            self.recent.popitem(last=False)
+        self.records.add(rec)
         self.journal.write(task.seq, rec)
         return rec
 
@@ -286,5 +264,4 @@ class TaskTable:
                     self.idem.pop(task.idem, None)
 
     def expire(self, now: float) -> None:
-        ttl = self.result_ttl_s
-        self.journal.expire(now - ttl, now - ttl - self.tombstone_s)
+        self.records.expire(now)
