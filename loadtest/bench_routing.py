@@ -52,12 +52,17 @@ from appliance.llama.tinymodel import _WORDS, TinySpec, write_tiny_model  # noqa
 
 ALIAS = "bench-llama"
 LOG_KEEP = Path("/tmp/bench-routing-logs")
+T0 = time.monotonic()
 # Settings the benchmark decides per appliance: a caller's value would silently change what a part measures.
 CONTROLLED = ("INSTANCES_FILE", "AFFINITY_SLACK", "CRITICAL_MAX_WAIT_MS", "QUEUE_MAX_SIZE", "RATE_LIMITS",
               "TASK_TIMEOUT_MAX_S", "LLAMA_INSTANCES")
 LIFTED = {"QUEUE_MAX_SIZE": 200_000, "TASK_TIMEOUT_MAX_S": 3600,
           "RATE_LIMITS": "tasks:write=100000/s:100000,tasks:read=100000/s:100000"}
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}  # what the launcher sends
+
+
+def at() -> str:
+    return f"[{time.monotonic() - T0:.0f} s]"
 
 
 class BenchError(RuntimeError):
@@ -97,7 +102,7 @@ class RoutedAppliance(Appliance):
             self.stop()
             raise
         s = self.settings
-        print(f"[{label}] {n} instances x 2 slots, reserved per instance: "
+        print(f"{at()} [{label}] {n} instances x 2 slots, reserved per instance: "
               f"{reserved if reserved is not None else 'default (1)'}; AFFINITY_SLACK={s.affinity_slack} "
               f"CRITICAL_MAX_WAIT_MS={s.critical_max_wait_ms:g} QUEUE_MAX_SIZE={s.queue_max_size} "
               f"QUEUE_AGING_S={s.queue_aging_s:g}", flush=True)
@@ -216,6 +221,7 @@ class Outcome:
     job: Job
     latency: float | None = None   # seconds; None: failed
     finished: float = 0.0          # wall clock
+    started: float = 0.0           # wall clock, appliance only (status started_at)
     where: str = ""                # instance or server
     tokens: int = 0
     error: str = ""
@@ -244,9 +250,11 @@ def post_direct(server: tuple[str, str, str], body: dict, timeout: float) -> dic
     return r.json()
 
 
-def calibrate(servers, short_n: int, long_n: int, long_share: float, seconds: float) -> dict:
-    """Single-task service times (one server, others idle), then the saturated rate of the
-    mix with every slot of every server busy (closed loop, 2 clients per server)."""
+def calibrate(servers, short_n: int, long_n: int, long_share: float) -> dict:
+    """Capacity of the mix straight at the servers: single-task service times (one server,
+    the others idle), then how many threads' worth of single-task work the machine does
+    with every slot of every server busy (one long task per slot, all at once: on 2 cores
+    three 1-thread servers share the CPU, so this is well under the slot count)."""
     rng = random.Random(99)
     one = {}
     for kind, n, reps in (("short", short_n, 5), ("long", long_n, 2)):
@@ -257,19 +265,15 @@ def calibrate(servers, short_n: int, long_n: int, long_share: float, seconds: fl
                                      "max_tokens": n, "seed": 1, **SAMPLING}, 120)
             ts.append(time.perf_counter() - t0)
         one[kind] = sorted(ts)[len(ts) // 2]
-    done, stop = [], time.monotonic() + seconds
-
-    def client(i: int) -> None:
-        r = random.Random(i)
-        while time.monotonic() < stop:
-            n = long_n if r.random() < long_share else short_n
-            post_direct(servers[i % len(servers)], {"messages": [{"role": "user", "content": "sat " + words(r, 6)}],
-                                                    "max_tokens": n, "seed": 1, **SAMPLING}, 120)
-            done.append(time.monotonic())
-    t0 = time.monotonic()
-    with cf.ThreadPoolExecutor(2 * len(servers)) as ex:
-        list(ex.map(client, range(2 * len(servers))))
-    return {"short_s": one["short"], "long_s": one["long"], "capacity": len(done) / (max(done) - t0)}
+    slots = [servers[i % len(servers)] for i in range(2 * len(servers))]
+    bodies = [{"messages": [{"role": "user", "content": f"par {i} " + words(rng, 6)}], "max_tokens": long_n,
+               "seed": 1, **SAMPLING} for i in range(len(slots))]
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(slots)) as ex:
+        list(ex.map(lambda sb: post_direct(sb[0], sb[1], 300), zip(slots, bodies)))
+    parallel = len(slots) * one["long"] / (time.perf_counter() - t0)
+    work = long_share * one["long"] + (1 - long_share) * one["short"]  # thread-seconds per task
+    return {"short_s": one["short"], "long_s": one["long"], "parallel": parallel, "capacity": parallel / work}
 
 
 def replay(jobs: list[Job], send, bound_s: float) -> tuple[list[Outcome], float]:
@@ -296,7 +300,7 @@ def send_rr(servers, tag: str):
         except requests.RequestException as exc:
             return Outcome(job, error=f"{type(exc).__name__}: {exc}"[:200], where=server[0])
         t1 = time.time()
-        return Outcome(job, t1 - t0, t1, server[0], data["usage"]["completion_tokens"])
+        return Outcome(job, t1 - t0, t1, where=server[0], tokens=data["usage"]["completion_tokens"])
     return send
 
 
@@ -315,9 +319,13 @@ def send_appliance(app: RoutedAppliance, tag: str):
         if rec["state"] != "completed":
             return Outcome(job, error=f"{task_id}: {rec['state']} {rec.get('error')}", task_id=task_id)
         res = rec["result"]
+        try:
+            started = app.status(task_id)["started_at"]
+        except (requests.RequestException, KeyError):
+            started = 0.0
         # finished_at is the broker's clock (same machine): no polling granularity in the latency
-        return Outcome(job, rec["finished_at"] - t0, rec["finished_at"], res["provenance"]["instance"],
-                       res["completion_tokens"])
+        return Outcome(job, rec["finished_at"] - t0, rec["finished_at"], started=started,
+                       where=res["provenance"]["instance"], tokens=res["completion_tokens"], task_id=task_id)
     return send
 
 
@@ -354,15 +362,16 @@ def parts12(args, model: Path, workdir: Path, out: dict) -> None:
             rate = args.rate
             print(f"rate {rate:.2f} tasks/s (given)")
         else:
-            cal = calibrate(servers, args.short_tokens, args.long_tokens, args.long_share, args.cal_seconds)
+            cal = calibrate(servers, args.short_tokens, args.long_tokens, args.long_share)
             out["cal"] = cal
             rate = args.load * cal["capacity"]
-            print(f"calibration: one task alone {args.short_tokens} tokens {1000 * cal['short_s']:.0f} ms, "
-                  f"{args.long_tokens} tokens {1000 * cal['long_s']:.0f} ms; saturated mix straight to the 3 "
-                  f"servers (6 closed-loop clients, {args.cal_seconds:g} s) {cal['capacity']:.2f} tasks/s "
-                  f"-> offered {rate:.2f} tasks/s ({100 * args.load:.0f} %)", flush=True)
+            print(f"calibration (straight to the servers): one task alone: {args.short_tokens} tokens "
+                  f"{1000 * cal['short_s']:.0f} ms, {args.long_tokens} tokens {1000 * cal['long_s']:.0f} ms; "
+                  f"all 6 slots busy: {cal['parallel']:.2f} threads' worth of work; capacity for the mix "
+                  f"{cal['capacity']:.2f} tasks/s -> offered {rate:.2f} tasks/s ({100 * args.load:.0f} %)",
+                  flush=True)
         jobs = schedule(rate, args.p1_seconds, args.long_share, args.short_tokens, args.long_tokens, args.seed)
-        print(f"schedule: {len(jobs)} tasks over {args.p1_seconds:g} s "
+        print(f"{at()} schedule: {len(jobs)} tasks over {args.p1_seconds:g} s "
               f"({sum(j.kind == 'long' for j in jobs)} long)", flush=True)
         if "1" in args.parts:
             runs["round-robin, direct to llama.cpp"] = replay(jobs, send_rr(servers, "rr"), args.bound_s)
@@ -387,6 +396,20 @@ def parts12(args, model: Path, workdir: Path, out: dict) -> None:
         print_part2(args, out)
 
 
+def doubled(outcomes: list[Outcome]) -> str:
+    """How often the router started a task on an instance already running one while another
+    instance ran nothing (from the tasks' own started_at/finished_at): on a 1-thread CPU
+    instance the two then share one thread and both run at about half speed."""
+    ok = [o for o in outcomes if o.latency is not None and o.started]
+    names = sorted({o.where for o in ok})
+    n = 0
+    for o in ok:
+        load = {w: sum(1 for p in ok if p is not o and p.where == w and p.started <= o.started < p.finished)
+                for w in names}
+        n += load[o.where] >= 1 and min(load.values()) == 0
+    return f"started beside a running task while another instance ran none: {n} of {len(ok)}"
+
+
 def print_part1(args, runs, jobs, rate, out) -> None:
     print(f"\n1. skewed load: {len(jobs)} tasks, offered {rate:.2f} tasks/s, same schedule (seed {args.seed}) "
           f"for every row; latency = submit -> final, ms")
@@ -403,6 +426,8 @@ def print_part1(args, runs, jobs, rate, out) -> None:
         for o in outcomes:
             where[o.where] = where.get(o.where, 0) + 1
         print(f"{'':38}tasks per instance: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(where.items())))
+        if name.startswith("appliance"):
+            print(f"{'':38}{doubled(outcomes)}")
         errors = [o.error for o in outcomes if o.error]
         if errors:
             print(f"{'':38}errors ({len(errors)}): " + "; ".join(errors[:5]))
@@ -463,7 +488,9 @@ def part2(args, app: RoutedAppliance, config: str, out: dict) -> None:
         for t in sorted(log, key=lambda t: (t.conv, t.n)):
             by_conv.setdefault(t.conv, []).append(t)
         repeated = sum(ts[i - 1].prompt_tokens for ts in by_conv.values() for i in range(1, len(ts)))
-        cached_rep = sum(t.cached for ts in by_conv.values() for t in ts[1:])
+        # capped per turn: cache_n can exceed the previous prompt (the previous reply's tokens are cached too)
+        cached_rep = sum(min(ts[i].cached, ts[i - 1].prompt_tokens) for ts in by_conv.values()
+                         for i in range(1, len(ts)))
         total, cached = sum(t.prompt_tokens for t in log), sum(t.cached for t in log)
         moves = sum(ts[i].instance != ts[i - 1].instance for ts in by_conv.values() for i in range(1, len(ts)))
         out.setdefault("p2", []).append((config, mode, len(log), repeated, cached_rep, total, cached, moves,
@@ -474,7 +501,8 @@ def part2(args, app: RoutedAppliance, config: str, out: dict) -> None:
 def print_part2(args, out: dict) -> None:
     print(f"\n2. multi-turn chat: {args.conversations} concurrent conversations x {args.turns} turns, system prompt "
           f"{args.system_words} words, replies {args.reply_tokens} tokens; repeated prefix = the previous turn's "
-          f"prompt tokens (turns 2..), cached = llama.cpp's cache_n")
+          f"prompt tokens (turns 2..), cached = llama.cpp's cache_n (capped at the repeated prefix per turn "
+          f"in the first pair of columns)")
     print(f"{'appliance':26}{'mode':50}{'turns':>6}{'repeated':>9}{'cached':>8}{'% rep':>7}{'prompt':>8}"
           f"{'cached':>8}{'% all':>7}{'moves':>7}{'p50 ms':>8}{'p95 ms':>8}")
     for config, mode, n, rep, crep, total, cached, moves, later, p50, p95 in out.get("p2", []):
@@ -571,7 +599,6 @@ def main() -> int:
     ap.add_argument("--long-share", type=float, default=0.2)
     ap.add_argument("--load", type=float, default=0.75, help="offered load as a share of calibrated capacity")
     ap.add_argument("--rate", type=float, default=0.0, help="tasks/s; skips the calibration")
-    ap.add_argument("--cal-seconds", type=float, default=10)
     ap.add_argument("--p1-seconds", type=float, default=45)
     ap.add_argument("--bound-s", type=float, default=120, help="how long after the last arrival a task may take")
     ap.add_argument("--conversations", type=int, default=8)
@@ -582,7 +609,7 @@ def main() -> int:
     ap.add_argument("--critical-every-ms", type=int, default=300)
     args = ap.parse_args()
     if args.quick:
-        args.p1_seconds, args.cal_seconds, args.p3_seconds = 15, 6, 8
+        args.p1_seconds, args.p3_seconds = 15, 6
         args.conversations, args.turns = 4, 4
     t_start = time.monotonic()
     import xllamacpp

@@ -33,7 +33,8 @@ def fresh_checkout(dest):
 def test_make_run_alone_installs_enough_to_serve_a_task(tmp_path):
     home = fresh_checkout(tmp_path / "appliance")
     env = appliance_env(home)
-    for key in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):  # nothing of the test environment leaks in
+    for key in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME",  # nothing of the test environment leaks in
+                "LLAMA_INSTANCES"):                       # and the default instances, as a user gets them
         env.pop(key, None)
     app = Appliance(home, env, bin_dir=home / ".venv" / "bin", command=["make", "run"])
     app.start()
@@ -42,9 +43,11 @@ def test_make_run_alone_installs_enough_to_serve_a_task(tmp_path):
         python = str(home / ".venv" / "bin" / "python")
         # the run command's environment holds no test extras (they once hid a missing dependency)
         assert subprocess.run([python, "-c", "import pytest"], capture_output=True).returncode != 0
-        states = wait_until(lambda: (out := app.ctl("status").stdout).count("RUNNING") >= 4 and out, 30, 0.5,
+        states = wait_until(lambda: (out := app.ctl("status").stdout).count("RUNNING") >= 6 and out, 60, 0.5,
                             "every program RUNNING")
         assert "FATAL" not in states and "BACKOFF" not in states, states
+        for name in ("llama:llama-0", "llama:llama-1", "llama:llama-2"):  # the system description's three
+            assert name in states
         token = subprocess.run([str(app.bin / "appliance"), "token", "--sub", "first-user",
                                 "--scopes", "tasks:read,tasks:write", "--ttl", "10m"],
                                cwd=home, env=env, capture_output=True, text=True, check=True).stdout.strip()
