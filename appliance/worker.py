@@ -165,20 +165,35 @@ class WorkerLoop:
                 return True
 
     # ------------------------------------------------------------ task side
-    def _run(self, task_id: str, spec: P.TaskSpec, deadline: float) -> None:
+    def _push_sock(self) -> zmq.Socket:
+        """This task thread's socket into the loop. Sends give up after a second: only a
+        loop that is gone stops reading, and then a task thread must not hang the
+        process's exit (the broker requeues what this worker was running)."""
         push = getattr(self._push, "sock", None)
         if push is None:
             push = self._push.sock = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.setsockopt(zmq.SNDTIMEO, 1000)
             push.connect(self.results_addr)
+        return push
+
+    def _run(self, task_id: str, spec: P.TaskSpec, deadline: float) -> None:
+        push = self._push_sock()
         buffered: list[str] = []
         seq = 0
         last_flush = time.monotonic()
+
+        def send(msg) -> None:
+            try:
+                push.send(P.encode(msg))
+            except zmq.ZMQError:  # the loop is closing: nobody will forward it
+                log.debug("task %s: %s not forwarded, the worker is stopping", task_id, type(msg).__name__)
 
         def flush() -> None:
             nonlocal seq, last_flush
             if buffered:
                 seq += 1
-                push.send(P.encode(P.Tokens(task_id, seq, "".join(buffered))))
+                send(P.Tokens(task_id, seq, "".join(buffered)))
                 buffered.clear()
             last_flush = time.monotonic()
 
@@ -193,9 +208,16 @@ class WorkerLoop:
             log.error("task %s failed unexpectedly: %s", task_id, exception_summary(exc))
             done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))
         flush()  # the last tokens go before the Done, on the same socket: in order
-        push.send(P.encode(done))
+        send(done)
 
     def close(self) -> None:
+        """Stop every running task (the broker, told by our Disconnect, requeues them), so
+        that no task thread holds the process past supervisord's stop timeout."""
+        for task_id in list(self.running):
+            try:
+                self.h.abort(task_id, "cancelled")
+            except Exception as exc:  # closing anyway
+                log.warning("%s: abort of %s on close failed: %s", self.h.name, task_id, type(exc).__name__)
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.sock is not None:
             self.sock.close(0)

@@ -217,3 +217,20 @@ def test_nothing_acknowledged_is_lost_when_the_broker_is_killed(slow):
     wait_until(all_final, 60, 0.5, what=f"all {len(accepted)} accepted tasks final")
     states = {slow.get(f"/v1/async/status/{t}").json()["state"] for t in accepted}
     assert states == {"completed"}, states
+
+
+def test_stopping_a_launcher_mid_task_is_prompt_and_the_task_runs_again(slow):
+    """supervisorctl stop with a long generation running: the launcher stops its task
+    and exits within seconds (it used to hang in a task thread until supervisord's
+    SIGKILL), and the task, requeued by the broker, completes once the launcher is back."""
+    task_id = slow.post("/v1/async/submit", json=LONG).json()["task_id"]
+    wait_until(lambda: state(slow, task_id) == "running", 10, what="running")
+    t0 = time.monotonic()
+    out = slow.ctl("stop", "llama:llama-0")
+    stopped_in = time.monotonic() - t0
+    assert "stopped" in out.stdout and stopped_in < 5, (out.stdout, stopped_in)
+    log = (slow.home / "var" / "log" / "supervisord.log").read_text()
+    assert "SIGKILL" not in log
+    slow.ctl("start", "llama:llama-0")
+    wait_until(lambda: state(slow, task_id) == "completed", 60, what="the task completed after the restart")
+    assert slow.get(f"/v1/async/status/{task_id}").json()["attempts"] == 2
