@@ -108,27 +108,29 @@ TASK_TYPES = (ChatTask, CompleteTask, EmbedTask, ExtractTask)
 DEFAULT_TIMEOUT_S = 60.0  # a task's timeout when it names none (at most TASK_TIMEOUT_MAX_S)
 
 
-def texts_of(spec: TaskSpec) -> list[tuple[str, str]]:
-    """(field, text) of every text a task carries, each bounded by MAX_PROMPT_CHARS.
-
-    Each text on its own, not their sum: a bound per field is one the OpenAPI document
-    can state exactly (maxLength), and MAX_BODY_BYTES bounds the whole request."""
+def _texts(spec: TaskSpec) -> tuple[str, list[str]]:
+    """The field name pattern and every text a task carries."""
     if isinstance(spec, EmbedTask):
-        return [(f"texts[{i}]", t) for i, t in enumerate(spec.texts)]
+        return "texts[{}]", spec.texts
     if isinstance(spec, CompleteTask):
-        return [("prompt", spec.prompt)]
-    return [(f"messages[{i}].content", m.content) for i, m in enumerate(spec.messages)]
+        return "prompt", [spec.prompt]
+    return "messages[{}].content", [m.content for m in spec.messages]
 
 
 def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
                  ) -> tuple[str, str] | None:
-    """The configured bounds msgspec cannot know at import time: (field, message) or None."""
+    """The configured bounds msgspec cannot know at import time: (field, message) or None.
+
+    MAX_PROMPT_CHARS bounds each text on its own, not their sum: a bound per field is
+    one the OpenAPI document can state exactly (maxLength), and MAX_BODY_BYTES bounds
+    the whole request."""
     if timeout_max_s is not None and spec.timeout_s is not None and spec.timeout_s > timeout_max_s:
         return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
     if max_prompt_chars is not None:
-        for field, text in texts_of(spec):
-            if len(text) > max_prompt_chars:
-                return field, f"{len(text)} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
+        field, texts = _texts(spec)
+        for i, text in enumerate(texts):
+            if len(text) > max_prompt_chars:  # the name is made only for the message
+                return field.format(i), f"{len(text)} characters; at most {max_prompt_chars} (MAX_PROMPT_CHARS)"
     return None
 
 

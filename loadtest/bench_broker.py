@@ -39,6 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from appliance import protocol as P  # noqa: E402
 
+# The model the stub worker serves: the broker's default (its home has no instances
+# file), so that tasks naming no model are dispatched to it.
+MODEL = "appliance-tiny"
+
 
 def pct(values, p):
     values = sorted(values)
@@ -250,7 +254,7 @@ def worker_main(back: str, slots: int, service_ms: float, log: str) -> None:
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(back)
-    sock.send(P.encode(P.Ready("stub", "noop", slots, "none")))
+    sock.send(P.encode(P.Ready("stub", MODEL, slots, "none")))
     sock.send(P.encode(P.Credit(slots)))
     received: list[tuple[str, float]] = []
     stop = False
@@ -278,7 +282,7 @@ def worker_main(back: str, slots: int, service_ms: float, log: str) -> None:
                     sock.send(P.encode(P.Done(msg.task_id, result=result)))
                     sock.send(done)
                 elif isinstance(msg, P.Disconnect):
-                    sock.send(P.encode(P.Ready("stub", "noop", slots, "none")))
+                    sock.send(P.encode(P.Ready("stub", MODEL, slots, "none")))
                     sock.send(P.encode(P.Credit(slots)))
         if time.monotonic() - last_beat > P.HEARTBEAT_INTERVAL_S:
             sock.send(P.encode(P.Heartbeat()))

@@ -93,7 +93,7 @@ def test_pool_credit_is_capped_by_free_slots():
     assert w.credit == 2
     pool.assign(w, "a", 2)
     pool.add_credit(w, 1)
-    assert w.credit == 1 and set(w.running) == {"a"}  # 2 slots, 1 running
+    assert w.credit == 1 and set(w.tasks) == {"a"}  # 2 slots, 1 running
 
 
 def test_pool_re_registration_keeps_what_the_worker_still_runs():
@@ -102,7 +102,7 @@ def test_pool_re_registration_keeps_what_the_worker_still_runs():
     for t in ("a", "b", "c"):
         pool.assign(w, t, 2)
     again, lost = pool.register(b"w", P.Ready("w", "m", 3, "u", running=["a", "z"]), now=1.0)
-    assert set(again.running) == {"a"} and lost == {"b", "c"} and len(pool) == 1
+    assert set(again.tasks) == {"a"} and lost == {"b", "c"} and len(pool) == 1
 
 
 def test_pool_silence_and_release():

@@ -22,6 +22,9 @@ import zmq
 log = logging.getLogger("appliance.broker")
 
 SNDHWM = 10_000        # per client connection; deferral is the exception, not the rule
+# Plain ints: pyzmq's flag enums cost an enum operation per frame on the hot path.
+MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+LAST = int(zmq.NOBLOCK)
 MAX_PENDING = 100_000  # replies kept for one client that does not read
 
 
@@ -40,7 +43,8 @@ class Outbox:
             self._hold(identity, waiting, payload)
             return
         try:
-            self.sock.send_multipart([identity, payload], zmq.NOBLOCK)
+            self.sock.send(identity, MORE)  # a full or unknown peer refuses the first frame
+            self.sock.send(payload, LAST)
         except zmq.Again:
             self.deferred += 1
             self.pending[identity] = deque([payload])
@@ -62,7 +66,8 @@ class Outbox:
             waiting = self.pending[identity]
             try:
                 while waiting:
-                    self.sock.send_multipart([identity, waiting[0]], zmq.NOBLOCK)
+                    self.sock.send(identity, MORE)
+                    self.sock.send(waiting[0], LAST)
                     waiting.popleft()
             except zmq.Again:
                 continue

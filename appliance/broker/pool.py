@@ -21,6 +21,9 @@ URGENT = P.LEVEL["high"]    # this level and above may take reserved slots
 
 @dataclass(slots=True)
 class Worker:
+    """A registered worker; it is also what the routing rule reads (routing.Candidate's
+    fields), so that dispatch allocates nothing per task."""
+
     identity: bytes
     name: str
     model: str
@@ -31,15 +34,30 @@ class Worker:
     starts: int = 1
     credit: int = 0
     last_seen: float = 0.0
-    running: dict[str, int] = field(default_factory=dict)  # task id -> its priority level
+    tasks: dict[str, int] = field(default_factory=dict)  # running task id -> its priority level
+    low_running: int = 0                                  # of those, below `high`
     seconds_per_token: float = 0.0
 
-    def low_running(self) -> int:
-        return sum(1 for level in self.running.values() if level > URGENT)
+    @property
+    def free(self) -> int:
+        return self.credit
 
-    def candidate(self) -> routing.Candidate:
-        return routing.Candidate(self.name, self.credit, self.slots, len(self.running), self.low_running(),
-                                 self.reserved, self.seconds_per_token, self.gpu)
+    @property
+    def running(self) -> int:
+        return len(self.tasks)
+
+    def add(self, task_id: str, level: int) -> None:
+        if task_id not in self.tasks:
+            self.tasks[task_id] = level
+            self.low_running += level > URGENT
+
+    def remove(self, task_id: str) -> bool:
+        """True when it was running here."""
+        level = self.tasks.pop(task_id, None)
+        if level is None:
+            return False
+        self.low_running -= level > URGENT
+        return True
 
 
 class WorkerPool:
@@ -74,16 +92,18 @@ class WorkerPool:
         old = self.workers.get(identity)
         if old is not None:
             still = set(msg.running)
-            new.running = {t: level for t, level in old.running.items() if t in still}
+            for task_id, level in old.tasks.items():
+                if task_id in still:
+                    new.add(task_id, level)
             new.seconds_per_token = old.seconds_per_token
-            lost = set(old.running) - still
+            lost = set(old.tasks) - still
         self.workers[identity] = new
         return new, lost
 
     def remove(self, worker: Worker) -> set[str]:
         """Forget a worker; the ids of the tasks it was running (the caller requeues them)."""
         self.workers.pop(worker.identity, None)
-        return set(worker.running)
+        return set(worker.tasks)
 
     def seen(self, worker: Worker, now: float) -> None:
         worker.last_seen = now
@@ -97,16 +117,16 @@ class WorkerPool:
 
     # ------------------------------------------------------------ slots
     def add_credit(self, worker: Worker, n: int) -> None:
-        worker.credit = min(worker.slots - len(worker.running), worker.credit + max(0, n))
+        worker.credit = min(worker.slots - worker.running, worker.credit + max(0, n))
 
     def assign(self, worker: Worker, task_id: str, level: int) -> None:
         worker.credit -= 1
-        worker.running[task_id] = level
+        worker.add(task_id, level)
 
     def release(self, task_id: str) -> Worker | None:
         """The worker that was running `task_id` (now not), or None."""
         for worker in self.workers.values():
-            if worker.running.pop(task_id, None) is not None:
+            if worker.remove(task_id):
                 return worker
         return None
 
@@ -122,30 +142,26 @@ class WorkerPool:
     def serving(self, model: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.model == model]
 
-    def can_take(self, model: str) -> tuple[bool, bool]:
-        """(any worker of this model may take work below high, any may take critical/high)."""
+    def can_take(self, workers: list[Worker]) -> tuple[bool, bool]:
+        """(one of these may take work below high, one may take critical/high)."""
         low = urgent = False
-        for w in self.serving(model):
-            c = w.candidate()
-            urgent = urgent or routing.eligible(c, True, self.gpus)
-            low = low or routing.eligible(c, False, self.gpus)
+        for w in workers:
+            urgent = urgent or routing.eligible(w, True, self.gpus)
+            low = low or routing.eligible(w, False, self.gpus)
         return low, urgent
 
-    def choose(self, model: str, level: int, key: str | None, avoid: frozenset[str] = frozenset()) -> Worker | None:
-        """The worker for a task of `model` at priority `level`, by the routing rule; the
-        conversation `key`, if any, now belongs to the one chosen."""
-        workers = {w.name: w for w in self.serving(model)}
+    def choose(self, workers: list[Worker], level: int, key: str | None,
+               avoid: frozenset[str] = frozenset()) -> Worker | None:
+        """The worker (of those serving the task's model) for a task at priority `level`,
+        by the routing rule; the conversation `key`, if any, now belongs to the one chosen."""
         affinity = self.affinity.get(key) if key is not None else None
-        pick = routing.choose([w.candidate() for w in workers.values()], level <= URGENT, self.gpus, affinity,
-                              avoid, self.slack)
-        if pick is None:
-            return None
-        if key is not None:
+        pick = routing.choose(workers, level <= URGENT, self.gpus, affinity, avoid, self.slack)
+        if pick is not None and key is not None:
             self.affinity[key] = pick.name
             self.affinity.move_to_end(key)
             if len(self.affinity) > AFFINITY_ENTRIES:
                 self.affinity.popitem(last=False)
-        return workers[pick.name]
+        return pick
 
     def telemetry(self, t: P.Telemetry) -> None:
         """New GPU readings: throttle states (with hysteresis) and memory headroom."""
@@ -159,13 +175,13 @@ class WorkerPool:
 
     # ------------------------------------------------------------ views
     def running_total(self) -> int:
-        return sum(len(w.running) for w in self.workers.values())
+        return sum(w.running for w in self.workers.values())
 
     def models(self) -> list[str]:
         return sorted({w.model for w in self.workers.values()})
 
     def view(self) -> list[P.WorkerStats]:
-        return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, len(w.running), w.credit, w.reserved, w.gpu,
+        return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, w.running, w.credit, w.reserved, w.gpu,
                               w.starts, w.gpu >= 0 and self.gpus.get(w.gpu, routing.Gpu()).throttled,
                               w.seconds_per_token)
                 for w in self.workers.values()]

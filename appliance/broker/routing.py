@@ -32,6 +32,9 @@ LOW_MEMORY_FRACTION = 0.05
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
+    """What the rule reads of an instance. The broker passes its pool's Worker objects,
+    which have these same fields (no allocation per task); tests pass Candidates."""
+
     name: str
     free: int                      # free slots (the worker's credit)
     slots: int
@@ -57,7 +60,7 @@ def eligible(c: Candidate, urgent: bool, gpus: dict[int, Gpu]) -> bool:
 
 
 def choose(candidates: list[Candidate], urgent: bool, gpus: dict[int, Gpu], affinity: str | None = None,
-           avoid: frozenset[str] = frozenset(), slack: int = 1) -> Candidate | None:
+           avoid: frozenset[str] | set[str] = frozenset(), slack: int = 1) -> Candidate | None:
     """The instance to run a task on, or None when none may take it now.
 
     `urgent`: the task is critical or high; `affinity`: the instance that served this

@@ -11,8 +11,8 @@ Finished tasks leave the live map at once, for the final records (records.py).
 from __future__ import annotations
 
 import heapq
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -21,7 +21,6 @@ from ..store.journal import Journal
 from ._pqueue import PriorityQueue, QueueFull
 from .deadlines import Deadlines
 from .records import FinalRecords
-from .routing import conversation_key
 
 URGENT = P.LEVEL["high"]  # this level and above: critical work, tracked for preemption
 
@@ -36,8 +35,7 @@ class Task:
     idem: str | None = None                         # tenant + NUL + idempotency key
     text: list[str] = field(default_factory=list)  # generated so far (Tokens)
     tokens_seq: int = 0
-    key: str | None = None                          # conversation key (prefix affinity)
-    lost_on: set[str] = field(default_factory=set)  # instances that lost it: it avoids them
+    lost_on: set[str] | None = None                 # instances that lost it: it avoids them
 
     @property
     def task_id(self) -> str:
@@ -46,6 +44,22 @@ class Task:
     @property
     def level(self) -> int:
         return P.LEVEL[self.record.priority]
+
+
+class TaskIds:
+    """Random 128-bit task ids, as uuid4().hex gives them, at a fifth of its cost: the
+    entropy is read from the OS a few thousand ids at a time. Random, not a counter, so
+    that an id says nothing about how many tasks other tenants submitted."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._buf):
+            self._buf, self._at = os.urandom(16 * 4096), 0
+        self._at += 16
+        return self._buf[self._at - 16:self._at].hex()
 
 
 class TaskTable:
@@ -67,6 +81,7 @@ class TaskTable:
         self.deadlines = Deadlines()
         self._arrivals: list[int] = []                       # queued handles, oldest first; pruned lazily
         self.next_seq = 1
+        self.ids = TaskIds()
 
     # ------------------------------------------------------------- recovery
     def recover(self, default_model: str) -> tuple[int, int, list[Task]]:
@@ -82,8 +97,7 @@ class TaskTable:
             if rec.state == "running":
                 rec.state, rec.started_at, rec.worker = "queued", None, None
                 was_running += 1
-            task = self._track(Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem,
-                                    key=conversation_key(spec, rec.tenant)))
+            task = self._track(Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem))
             try:
                 self._enqueue(task, rec.created_at)
             except QueueFull:  # QUEUE_MAX_SIZE was lowered below what the journal holds
@@ -104,10 +118,9 @@ class TaskTable:
         caller checked room)."""
         seq = self.next_seq
         self.next_seq += 1
-        rec = P.TaskRecord(task_id=task_id or uuid.uuid4().hex, state="queued", type=spec.type,
+        rec = P.TaskRecord(task_id=task_id or self.ids.next(), state="queued", type=spec.type,
                            priority=spec.priority, created_at=now, tenant=tenant, model=model)
-        task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem,
-                                key=conversation_key(spec, tenant)))
+        task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem))
         self._enqueue(task, now)
         self.journal.write(seq, rec, spec, idem)
         return task
@@ -216,7 +229,7 @@ class TaskTable:
         task.tokens_seq = 0
         if lost_on is not None:
             task.requeues += 1
-            task.lost_on.add(lost_on)
+            task.lost_on = (task.lost_on or set()) | {lost_on}
         rec.state, rec.started_at, rec.worker = "queued", None, None
         self._enqueue(task, rec.created_at, front=True)
         self.journal.write(task.seq, rec)

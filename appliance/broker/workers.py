@@ -18,7 +18,9 @@ import zmq
 
 from .. import protocol as P
 from ._pqueue import QueueFull
+from .outbox import LAST, MORE
 from .pool import URGENT, Worker
+from .routing import conversation_key
 from .tasks import Task
 
 log = logging.getLogger("appliance.broker")
@@ -27,12 +29,14 @@ log = logging.getLogger("appliance.broker")
 MAX_REQUEUES = 1
 # A preempted task's freed slot is expected back within this long (then counted as free again).
 FREEING_S = 5.0
+NO_ONE: frozenset[str] = frozenset()
 
 
 class WorkerSide:
     def _send_worker(self, identity: bytes, msg) -> None:
         try:
-            self.back.send_multipart([identity, P.encode(msg)], zmq.NOBLOCK)
+            self.back.send(identity, MORE)
+            self.back.send(P.encode(msg), LAST)
         except zmq.ZMQError as exc:  # peer gone or HWM: liveness will sort it out
             log.debug("send to worker failed: %s", exc)
 
@@ -52,18 +56,18 @@ class WorkerSide:
         worker, lost = self.pool.register(identity, msg, now)
         self._requeue(lost, msg.worker)
         wall = time.time()
-        for task_id in set(msg.running) - set(worker.running):
+        for task_id in set(msg.running) - set(worker.tasks):
             task = self.table.get(task_id)
             if task is None or task.record.state != "queued":  # final, or running elsewhere: stop this copy
                 self._send_worker(identity, P.Abort(task_id, "cancelled"))
                 continue
             self.table.unqueue(task)
             self.table.start(task, worker.name, task.record.started_at or wall)
-            worker.running[task_id] = task.level
+            worker.add(task_id, task.level)
             self.table.journal.write(task.seq, task.record)
         self.catalog.note(msg.model)
         log.info("worker %s ready: model=%s slots=%d (%d reserved) gpu=%d at %s; %d running tasks kept",
-                 msg.worker, msg.model, msg.slots, msg.reserved, msg.gpu, msg.endpoint, len(worker.running))
+                 msg.worker, msg.model, msg.slots, msg.reserved, msg.gpu, msg.endpoint, worker.running)
 
     def on_tokens(self, msg: P.Tokens, payload: bytes) -> None:
         task = self.table.get(msg.task_id)
@@ -79,7 +83,7 @@ class WorkerSide:
         a broker restart); never the failure of a copy we stopped ourselves (preempted,
         or cancelled as a duplicate): the task goes on."""
         self._freeing.pop(msg.task_id, None)
-        current = worker is not None and worker.running.pop(msg.task_id, None) is not None
+        current = worker is not None and worker.remove(msg.task_id)
         if worker is not None and msg.result is not None:
             self.pool.measured(worker, msg.result.timings)
         task = self.table.get(msg.task_id)
@@ -117,14 +121,16 @@ class WorkerSide:
             return
         now = time.time()
         for model in self.table.waiting_models():
+            workers = self.pool.serving(model)
             while True:
-                low_ok, urgent_ok = self.pool.can_take(model)
+                low_ok, urgent_ok = self.pool.can_take(workers)
                 if not urgent_ok:
                     break
                 task = self.table.next_queued(model, now, -1 if low_ok else URGENT)
                 if task is None:
                     break
-                worker = self.pool.choose(model, task.level, task.key, frozenset(task.lost_on))
+                worker = self.pool.choose(workers, task.level, conversation_key(task.spec, task.record.tenant),
+                                          task.lost_on or NO_ONE)
                 if worker is None:  # the queue and the pool disagree: never lose the task
                     self.table.put_back(task)
                     break
@@ -144,7 +150,7 @@ class WorkerSide:
                 del self._freeing[task_id]
         for model, oldest, waiting in list(self.table.oldest_urgent()):
             freeing = sum(1 for m, _ in self._freeing.values() if m == model)
-            if now - oldest < limit_s or waiting <= freeing or self.pool.can_take(model)[1]:
+            if now - oldest < limit_s or waiting <= freeing or self.pool.can_take(self.pool.serving(model))[1]:
                 continue
             victim = self._victim(model)
             if victim is None:
@@ -165,7 +171,7 @@ class WorkerSide:
         """The running task below `high` on `model` with the lowest priority, started last."""
         best: Task | None = None
         for worker in self.pool.serving(model):
-            for task_id, level in worker.running.items():
+            for task_id, level in worker.tasks.items():
                 task = self.table.get(task_id)
                 if level <= URGENT or task is None:
                     continue
