@@ -82,6 +82,7 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     result_ttl_s: Annotated[float, Meta(gt=0)] = 300.0
     result_tombstone_s: Annotated[float, Meta(ge=0)] = 3600.0
     task_timeout_max_s: Annotated[float, Meta(gt=0)] = 600.0
+    max_tokens_limit: Annotated[int, Meta(ge=1, le=32768)] = 32768  # the largest max_tokens a task may ask for
     max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     health_stall_s: Annotated[float, Meta(gt=0)] = 30.0
     worker_liveness_s: Annotated[float, Meta(ge=2.0, le=300.0)] = 10.0

@@ -63,7 +63,8 @@ class _Task(Struct, tag_field="type", forbid_unknown_fields=True, omit_defaults=
 
 
 class _Generation(_Task, kw_only=True):
-    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 128
+    max_tokens: Annotated[int, Meta(ge=1, le=32768, description=(
+        "tokens to generate at most; default 128, or MAX_TOKENS_LIMIT if that is less"))] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=5.0)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
     session_id: Annotated[str, Meta(min_length=1, max_length=200, description=(
@@ -106,6 +107,7 @@ TASK_TYPES = (ChatTask, CompleteTask, EmbedTask, ExtractTask)
 
 
 DEFAULT_TIMEOUT_S = 60.0  # a task's timeout when it names none (at most TASK_TIMEOUT_MAX_S)
+DEFAULT_MAX_TOKENS = 128  # a generation's max_tokens when it names none (at most MAX_TOKENS_LIMIT)
 
 
 def _texts(spec: TaskSpec) -> tuple[str, list[str]]:
@@ -117,8 +119,8 @@ def _texts(spec: TaskSpec) -> tuple[str, list[str]]:
     return "messages[{}].content", [m.content for m in spec.messages]
 
 
-def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None
-                 ) -> tuple[str, str] | None:
+def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None,
+                 max_tokens: int | None = None) -> tuple[str, str] | None:
     """The configured bounds msgspec cannot know at import time: (field, message) or None.
 
     MAX_PROMPT_CHARS bounds each text on its own, not their sum: a bound per field is
@@ -126,6 +128,9 @@ def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_
     the whole request."""
     if timeout_max_s is not None and spec.timeout_s is not None and spec.timeout_s > timeout_max_s:
         return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
+    if (max_tokens is not None and not isinstance(spec, EmbedTask) and spec.max_tokens is not None
+            and spec.max_tokens > max_tokens):
+        return "max_tokens", f"at most {max_tokens} (MAX_TOKENS_LIMIT)"
     if max_prompt_chars is not None:
         field, texts = _texts(spec)
         for i, text in enumerate(texts):
@@ -134,10 +139,14 @@ def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_
     return None
 
 
-def with_timeout(spec: TaskSpec, timeout_max_s: float) -> TaskSpec:
-    """The spec with its timeout in force: its own, else DEFAULT_TIMEOUT_S within the bound."""
+def with_defaults(spec: TaskSpec, timeout_max_s: float, max_tokens_limit: int) -> TaskSpec:
+    """The spec with its timeout and max_tokens in force: its own, else the default
+    within the configured bound (a default above the bound would refuse a request that
+    names neither)."""
     if spec.timeout_s is None:
         spec.timeout_s = min(DEFAULT_TIMEOUT_S, timeout_max_s)
+    if not isinstance(spec, EmbedTask) and spec.max_tokens is None:
+        spec.max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     return spec
 
 

@@ -195,3 +195,15 @@ def appliance(tmp_path_factory):
     """The appliance on its embedded default: no MODEL_PATH, so it makes its tiny model."""
     with running_appliance(tmp_path_factory) as app:
         yield app
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a running appliance gets its programs' logs in the report:
+    a CI failure then says what the broker, the API and the launchers saw."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" and rep.failed:
+        for value in item.funcargs.values():
+            if isinstance(value, Appliance):
+                rep.sections.append((f"appliance logs ({value.home})", value.logs()))

@@ -210,13 +210,15 @@ def test_openapi_document_is_served(appliance):
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
-    """An appliance of its own for the fuzzer: it submits thousands of tasks with huge
-    max_tokens and timeouts. With TASK_TIMEOUT_MAX_S=5 none waits longer than that, so the
-    fuzzer's own synchronous OpenAI calls never queue behind minutes of its earlier work;
-    its rate limits are lifted, or its stateful phase would meet only 429s (the limits have
-    tests of their own); its context is large enough for the prompts the document allows."""
-    with running_appliance(tmp_path_factory, TASK_TIMEOUT_MAX_S="5", MAX_BATCH="20", LLAMA_SLOTS="4",
-                           LLAMA_CTX="65536", MAX_PROMPT_CHARS="4000",
+    """An appliance of its own for the fuzzer, which submits thousands of tasks with the
+    largest max_tokens and timeouts the document allows. Its bounds keep that work short
+    (MAX_TOKENS_LIMIT=64, TASK_TIMEOUT_MAX_S=10, MAX_BATCH=20), so that its own
+    synchronous OpenAI calls never wait behind minutes of its earlier work (they would end
+    504/503, documented but 5xx); its rate limits are lifted, or its stateful phase would
+    meet only 429s (the limits have tests of their own); its context is large enough for
+    the prompts the document allows."""
+    with running_appliance(tmp_path_factory, TASK_TIMEOUT_MAX_S="10", MAX_TOKENS_LIMIT="64", MAX_BATCH="20",
+                           LLAMA_SLOTS="4", LLAMA_CTX="65536", MAX_PROMPT_CHARS="4000",
                            RATE_LIMITS="tasks:write=100000/s:100000,tasks:read=100000/s:100000") as app:
         yield app
 

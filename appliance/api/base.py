@@ -71,7 +71,7 @@ class Api:
 
         The grammar made here is cached by the schema (grammar.compile_schema), so the
         launcher's conversion of a schema seen before costs a dictionary lookup."""
-        problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
+        problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars, self.s.max_tokens_limit)
         if problem is not None:
             raise invalid_field(prefix + problem[0], problem[1])
         if isinstance(spec, P.ExtractTask):

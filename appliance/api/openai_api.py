@@ -270,7 +270,8 @@ class ChatCompletions:
         self.oa.check_model(body.model)
         messages = [P.ChatMessage(m.role, _text_of(m)) for m in body.messages]
         common = dict(model=body.model, messages=messages, temperature=body.temperature, seed=body.seed,
-                      max_tokens=body.max_completion_tokens or body.max_tokens or 128, session_id=body.session_id,
+                      max_tokens=body.max_completion_tokens or body.max_tokens or min(128, self.oa.api.s.max_tokens_limit),
+                      session_id=body.session_id,
                       **self.oa.task_fields(req))
         if isinstance(body.response_format, JsonSchemaResponse):  # structured output: an extract task
             spec = P.ExtractTask(json_schema=body.response_format.json_schema.schema, **common)

@@ -315,6 +315,13 @@ def _configured_bounds(components: dict, s: Settings) -> None:
     components["SubmitBatchBody"]["properties"]["tasks"]["maxItems"] = s.max_batch
     for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
         components[name]["properties"]["timeout_s"]["anyOf"][0]["maximum"] = s.task_timeout_max_s
+    for name, field in (("ChatTask", "max_tokens"), ("CompleteTask", "max_tokens"), ("ExtractTask", "max_tokens"),
+                        ("ChatRequest", "max_tokens"), ("ChatRequest", "max_completion_tokens"),
+                        ("CompletionRequest", "max_tokens")):
+        prop = components[name]["properties"][field]
+        for option in prop.get("anyOf", [prop]):
+            if option.get("type") == "integer":
+                option["maximum"] = s.max_tokens_limit
 
     def cap(schema: dict) -> None:
         schema["maxLength"] = min(schema.get("maxLength", chars), chars)

@@ -37,7 +37,7 @@ class ClientSide:
         """Why these specs cannot be queued, as (code, message); None when they can."""
         for i, spec in enumerate(specs):
             where = f"tasks[{i}]." if batch else ""
-            problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars)
+            problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars, self.s.max_tokens_limit)
             if problem is not None:
                 return "invalid_field", f"{where}{problem[0]}: {problem[1]}"
             if spec.model is not None and spec.model not in self.catalog.models:
@@ -60,7 +60,7 @@ class ClientSide:
             self._reply(identity, P.Refused(req, *refusal))
             return
         now = time.time()
-        ids = [self.table.add(P.with_timeout(spec, self.s.task_timeout_max_s), spec.model or self.catalog.default(),
+        ids = [self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit), spec.model or self.catalog.default(),
                               tenant, now,
                               task_id if not batch else None, idem).task_id for spec in specs]
         self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))

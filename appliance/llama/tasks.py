@@ -33,7 +33,7 @@ def sampling_for(spec: P.TaskSpec) -> P.Sampling | None:
     temperature = spec.temperature if spec.temperature is not None else DEFAULT_SAMPLING["temperature"]
     seed = spec.seed if spec.seed is not None else secrets.randbits(31)
     return P.Sampling(temperature=temperature, top_k=DEFAULT_SAMPLING["top_k"], top_p=DEFAULT_SAMPLING["top_p"],
-                      min_p=DEFAULT_SAMPLING["min_p"], seed=seed, max_tokens=spec.max_tokens)
+                      min_p=DEFAULT_SAMPLING["min_p"], seed=seed, max_tokens=spec.max_tokens or P.DEFAULT_MAX_TOKENS)
 
 
 def request_for(spec: P.TaskSpec, sampling: P.Sampling | None = None) -> tuple[str, dict]:
@@ -43,7 +43,7 @@ def request_for(spec: P.TaskSpec, sampling: P.Sampling | None = None) -> tuple[s
     if isinstance(spec, P.EmbedTask):
         return "/v1/embeddings", {"input": spec.texts}
     sampling = sampling or sampling_for(spec)
-    body: dict = {"max_tokens": spec.max_tokens, "stream_options": {"include_usage": True}, "cache_prompt": True,
+    body: dict = {"max_tokens": sampling.max_tokens, "stream_options": {"include_usage": True}, "cache_prompt": True,
                   "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
                   "min_p": sampling.min_p, "seed": sampling.seed}
     if isinstance(spec, P.CompleteTask):
