@@ -201,15 +201,25 @@ class TaskTable:
                 return None
             task = self.by_seq.pop(seq, None)
             if task is not None:
-                self.urgent.get(model, {}).pop(seq, None)
+                self._not_urgent(model, seq)
                 return task
         return None
+
+    def _not_urgent(self, model: str, seq: int) -> None:
+        waiting = self.urgent.get(model)
+        if waiting is not None:
+            waiting.pop(seq, None)
+            if not waiting:  # empty: the loop stops looking at preemption
+                del self.urgent[model]
 
     def put_back(self, task: Task) -> None:
         """Undo next_queued: the task goes back to the head of its level."""
         self._enqueue(task, task.record.created_at, front=True)
 
     def start(self, task: Task, worker: str, now: float) -> None:
+        """Running on `worker`, one more attempt. (A start is not journaled: after a broker
+        restart the journal has the task queued, with the attempts before this one, and
+        its worker claiming it back counts this one again.)"""
         rec = task.record
         rec.state, rec.started_at, rec.worker = "running", now, worker
         rec.attempts += 1
@@ -218,7 +228,7 @@ class TaskTable:
         """Out of line without running (cancelled, expired, claimed by a worker that runs it)."""
         self._queue(task.record.model).cancel(task.seq)
         self.by_seq.pop(task.seq, None)
-        self.urgent.get(task.record.model, {}).pop(task.seq, None)
+        self._not_urgent(task.record.model, task.seq)
 
     def requeue(self, task: Task, lost_on: str | None = None) -> None:
         """A running task goes back in line: at the head of its priority level (it waited
