@@ -81,7 +81,8 @@ class ChatRequest(Struct):
 class CompletionRequest(Struct):
     model: str
     prompt: Annotated[str, Meta(max_length=1_000_000)]
-    max_tokens: Annotated[int, Meta(ge=1, le=32768)] = 16
+    max_tokens: Annotated[int, Meta(ge=1, le=32768, description="default 16 (OpenAI's), or MAX_TOKENS_LIMIT "
+                                                               "if that is less")] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
     n: Annotated[int, Meta(ge=1, le=1)] = 1
@@ -270,9 +271,8 @@ class ChatCompletions:
         self.oa.check_model(body.model)
         messages = [P.ChatMessage(m.role, _text_of(m)) for m in body.messages]
         common = dict(model=body.model, messages=messages, temperature=body.temperature, seed=body.seed,
-                      max_tokens=body.max_completion_tokens or body.max_tokens or min(128, self.oa.api.s.max_tokens_limit),
-                      session_id=body.session_id,
-                      **self.oa.task_fields(req))
+                      max_tokens=body.max_completion_tokens or body.max_tokens, session_id=body.session_id,
+                      **self.oa.task_fields(req))  # max_tokens None: the broker's default within its bound
         if isinstance(body.response_format, JsonSchemaResponse):  # structured output: an extract task
             spec = P.ExtractTask(json_schema=body.response_format.json_schema.schema, **common)
         else:
@@ -290,7 +290,8 @@ class Completions:
     def on_post(self, req, resp):
         body = self.oa.api.read_json(req, CompletionRequest)
         self.oa.check_model(body.model)
-        spec = P.CompleteTask(model=body.model, prompt=body.prompt, max_tokens=body.max_tokens,
+        limit = self.oa.api.s.max_tokens_limit
+        spec = P.CompleteTask(model=body.model, prompt=body.prompt, max_tokens=body.max_tokens or min(16, limit),
                               temperature=body.temperature, seed=body.seed, **self.oa.task_fields(req))
         include = bool(body.stream_options and body.stream_options.include_usage)
         _answer(self.oa, req, resp, spec, body.model, body.stream, include, chat=False)
