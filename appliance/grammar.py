@@ -150,10 +150,9 @@ def _safe(key: str) -> str:
     return cleaned or "prop"
 
 
-def check_schema(schema: Any) -> None:
-    """Raise SchemaError unless `schema` is a valid JSON Schema (Draft 2020-12)."""
-    if _depth(schema) > MAX_SCHEMA_DEPTH:
-        raise SchemaError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+def _check_schema(schema: Any) -> None:
+    """Raise SchemaError unless `schema` is a valid JSON Schema (Draft 2020-12); its depth
+    was checked by compile_schema."""
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -164,7 +163,7 @@ def check_schema(schema: Any) -> None:
 @functools.lru_cache(maxsize=256)
 def _compile(canonical: str) -> str:
     schema = json.loads(canonical)
-    check_schema(schema)
+    _check_schema(schema)
     b = _Builder()
     root = b.visit(schema, "root", 0)
     lines = [f"root ::= {root}"] + [f"{name} ::= {body}" for name, body in b.rules.items()]

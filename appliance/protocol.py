@@ -103,7 +103,6 @@ class ExtractTask(_Generation, tag="extract", kw_only=True):
 
 
 TaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask]
-TASK_TYPES = (ChatTask, CompleteTask, EmbedTask, ExtractTask)
 
 
 DEFAULT_TIMEOUT_S = 60.0  # a task's timeout when it names none (at most TASK_TIMEOUT_MAX_S)

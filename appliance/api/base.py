@@ -62,7 +62,7 @@ class Api:
         # JSON Schema counts 1.0 as an integer, and so does the OpenAPI document; msgspec
         # does not. Only on this (rare) path: integral floats become ints, then decode again.
         try:
-            return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(body)), type_)
+            return msgspec.convert(_map_numbers(msgspec.json.decode(body), _integral_as_int), type_)
         except msgspec.ValidationError as exc:
             raise from_validation_error(exc) from None
 
@@ -79,7 +79,7 @@ class Api:
                 compile_schema(spec.json_schema)
             except SchemaError as exc:
                 raise invalid_field(prefix + "json_schema", str(exc)) from None
-            spec.json_schema = _wire_safe(spec.json_schema)
+            spec.json_schema = _map_numbers(spec.json_schema, _wire_safe)
 
     @staticmethod
     def idempotency_key(req: falcon.Request) -> str | None:
@@ -104,27 +104,28 @@ class Api:
         return raw
 
 
-def _integral_floats_as_ints(value):
-    """1.0 -> 1 throughout a decoded JSON value (a float field still accepts the int)."""
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
+def _map_numbers(value, fn):
+    """A decoded JSON value with `fn` applied to every number in it."""
     if isinstance(value, list):
-        return [_integral_floats_as_ints(v) for v in value]
+        return [_map_numbers(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+        return {k: _map_numbers(v, fn) for k, v in value.items()}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fn(value)
     return value
 
 
-def _wire_safe(value):
+def _integral_as_int(x):
+    """1.0 -> 1 (a float field still accepts the int)."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _wire_safe(x):
     """JSON allows integers of any size, MessagePack 64 bits: a larger one (in a schema,
     where only its magnitude can matter) travels as the nearest float."""
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
-        return float(value) if abs(value) < 10**308 else math.copysign(math.inf, value)
-    if isinstance(value, list):
-        return [_wire_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _wire_safe(v) for k, v in value.items()}
-    return value
+    if isinstance(x, int) and not -2**63 <= x < 2**64:
+        return float(x) if abs(x) < 10**308 else math.copysign(math.inf, x)
+    return x
 
 
 def json_response(resp: falcon.Response, obj, status: str = falcon.HTTP_200) -> None:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from .. import protocol as P
 from . import routing
+from .routing import URGENT
 
 AFFINITY_ENTRIES = 100_000  # conversations remembered (least recently used forgotten)
 EWMA_WEIGHT = 0.2           # of the newest measurement of an instance's speed
-URGENT = P.LEVEL["high"]    # this level and above may take reserved slots
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from .. import protocol as P
 
 LOW_MEMORY_FRACTION = 0.05
+URGENT = P.LEVEL["high"]  # this level and above: may take reserved slots, may preempt
 
 
 @dataclass(frozen=True, slots=True)

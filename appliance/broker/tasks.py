@@ -21,9 +21,7 @@ from ..store.journal import Journal
 from ._pqueue import PriorityQueue, QueueFull
 from .deadlines import Deadlines
 from .records import FinalRecords
-
-URGENT = P.LEVEL["high"]  # this level and above: critical work, tracked for preemption
-
+from .routing import URGENT
 
 @dataclass(slots=True)
 class Task:

@@ -19,8 +19,8 @@ import zmq
 from .. import protocol as P
 from ._pqueue import QueueFull
 from .outbox import LAST, MORE
-from .pool import URGENT, Worker
-from .routing import conversation_key
+from .pool import Worker
+from .routing import URGENT, conversation_key
 from .tasks import Task
 
 log = logging.getLogger("appliance.broker")

@@ -26,9 +26,8 @@ APPLIED_FILE = "instances.applied.json"  # what the running programs were starte
 def _here(s: Settings) -> Path:
     """var/run beside supervisord.conf: where supervisord.conf puts its socket and looks
     for the generated programs, whatever RUN_DIR says."""
-    path = s.home / "var" / "run"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return s.home / "var" / "run"
+
 
 _PROGRAM = """[program:{name}]
 command=python -m procs.llama {name}
@@ -53,6 +52,7 @@ def programs_conf(instances: list[Instance], log_dir: str) -> str:
 
 def write_programs(s: Settings, instances: list[Instance]) -> Path:
     path = _here(s) / PROGRAMS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(programs_conf(instances, str(Path(s.log_dir).resolve())))
     tmp.replace(path)
