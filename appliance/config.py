@@ -87,6 +87,9 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     health_stall_s: Annotated[float, Meta(gt=0)] = 30.0
     worker_liveness_s: Annotated[float, Meta(ge=2.0, le=300.0)] = 10.0
     health_backlog_wait_s: Annotated[float, Meta(gt=0)] = 30.0
+    # On a stop, running tasks get this long to finish (README "Reliability"). At most 45:
+    # supervisord.conf gives the broker and the API 60 s to stop before it kills them.
+    drain_grace_s: Annotated[float, Meta(ge=0, le=45)] = 30.0
 
     instances_file: str = ""  # TOML (appliance/instances.py); default: instances.toml in the home, if there
     llama_instances: Annotated[int, Meta(ge=1, le=64)] = 3  # instances of MODEL_PATH when there is no file

@@ -237,6 +237,9 @@ class Submit(_Msg):
     tenant: str = ""
     task_id: str | None = None
     idempotency_key: str | None = None
+    # Wall-clock time after which the caller has stopped waiting (and answered 503): a
+    # submit read later (a frozen or backed-up broker) is dropped, not run unseen. 0: none.
+    expires_at: float = 0.0
 
 
 class SubmitBatch(_Msg):
@@ -245,6 +248,7 @@ class SubmitBatch(_Msg):
     req: int
     specs: list[TaskSpec]
     tenant: str = ""
+    expires_at: float = 0.0  # as Submit's
 
 
 class Query(_Msg):
@@ -308,6 +312,7 @@ class WorkerStats(Struct):
     starts: int = 1                # times the instance started since the appliance came up
     throttled: bool = False        # its GPU is too hot: it gets no new work
     seconds_per_token: float = 0.0  # EWMA of its generation speed (0: not measured yet)
+    stopping: bool = False         # it is shutting down: finishes what it runs, takes nothing new
 
 
 class Stats(_Msg):
@@ -331,6 +336,9 @@ class Stats(_Msg):
     workers_dropped: int = 0        # workers silent past WORKER_LIVENESS_S
     depth_by_model: dict[str, int] = {}  # queued tasks per model
     preemptions: int = 0            # running tasks stopped to free a slot for critical work
+    journal_errors: int = 0         # failed journal writes (disk full, read-only) since the broker started
+    submits_expired: int = 0        # submits read after their caller gave up (expires_at): dropped
+    frames_dropped: dict[str, int] = {}  # malformed messages dropped, per socket (front, back, telemetry)
 
 
 class Pong(_Msg):
@@ -341,6 +349,7 @@ class Pong(_Msg):
     gpu_state: str
     models: list[str] = []      # models with a registered instance
     configured: list[str] = []  # models the instances file names (served or not)
+    draining: bool = False      # the broker is shutting down: it refuses new work, finishes running tasks
 
 
 class Refused(_Msg):
@@ -369,6 +378,12 @@ class Ready(_Msg):
     reserved: int = 0
     gpu: int = -1      # the GPU index it is pinned to; -1: CPU only
     starts: int = 1    # times this instance has started since the appliance came up
+
+
+class Stopping(_Msg):
+    """The worker is shutting down: it takes no new work (its credit is void) and
+    finishes what it runs within DRAIN_GRACE_S; whatever still runs then is aborted
+    and requeued when its Disconnect follows."""
 
 
 class Credit(_Msg):
@@ -413,6 +428,15 @@ class Final(_Msg):
     task: TaskRecord
 
 
+class Requeued(_Msg):
+    """broker -> subscribers (PUB): a running task lost its instance (or was preempted)
+    and waits to run again from the start: text streamed so far is void."""
+
+    task_id: str
+    attempts: int
+    reason: str
+
+
 class Heartbeat(_Msg):
     pass
 
@@ -445,11 +469,11 @@ TELEMETRY_TOPIC = b"gpu"
 TOKEN_FLUSH_S = 0.02
 
 # Events PUB (broker): two frames, the task id (ascii, the topic) and the message.
-TaskEvent = Union[Tokens, Final]
+TaskEvent = Union[Tokens, Final, Requeued]
 
 FrontRequest = Union[Submit, SubmitBatch, Query, Cancel, Ping, GetStats]
 FrontReply = Union[Accepted, BatchAccepted, TaskInfo, Pong, Stats, Refused]
-WorkerToBroker = Union[Ready, Credit, Done, Tokens, Heartbeat, Disconnect]
+WorkerToBroker = Union[Ready, Credit, Done, Tokens, Heartbeat, Disconnect, Stopping]
 BrokerToWorker = Union[Dispatch, Abort, Heartbeat, Disconnect]
 
 encode = msgspec.msgpack.Encoder().encode

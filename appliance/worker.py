@@ -57,8 +57,9 @@ class Handler(Protocol):
 
 
 class WorkerLoop:
-    def __init__(self, handler: Handler, broker_endpoint: str, liveness_s: float):
+    def __init__(self, handler: Handler, broker_endpoint: str, liveness_s: float, grace_s: float = 0.0):
         self.h = handler
+        self.grace_s = grace_s
         self.endpoint = broker_endpoint
         self.liveness_s = liveness_s
         self.ctx = zmq.Context.instance()
@@ -70,10 +71,31 @@ class WorkerLoop:
         self.pool = ThreadPoolExecutor(max_workers=handler.slots, thread_name_prefix="task")
         self._push = threading.local()
         self._stop = False
+        self._stopping_since: float | None = None
         self.broker_seen = 0.0
+        self.dropped = 0  # malformed messages from the broker's side
+        self.withheld = 0  # credit held back while the handler's check fails
 
     def stop(self, *_: object) -> None:
-        self._stop = True
+        """First SIGTERM: take nothing new, let running tasks finish within `grace_s`
+        (a stop is not a reason to run a task twice). A second one: stop now."""
+        if self._stopping_since is None and self.grace_s > 0 and self.running:
+            self._stopping_since = time.monotonic()
+        else:
+            self._stop = True
+
+    def _done_stopping(self) -> bool:
+        if self._stop:
+            return True
+        if self._stopping_since is None:
+            return False
+        if not self.running:
+            return True
+        if time.monotonic() - self._stopping_since >= self.grace_s:
+            log.warning("%s: stop grace over; %d running tasks are aborted (the broker runs them again)",
+                        self.h.name, len(self.running))
+            return True
+        return False
 
     # ------------------------------------------------------------ broker side
     def _connect(self) -> None:
@@ -88,7 +110,10 @@ class WorkerLoop:
         self._send(P.Ready(h.name, h.model, h.slots, h.endpoint, running=sorted(self.running), reserved=h.reserved,
                            gpu=h.gpu, starts=h.starts))
         free = h.slots - len(self.running)
-        if free:
+        self.withheld = 0  # Credit below covers every free slot
+        if self._stopping_since is not None:
+            self._send(P.Stopping())
+        elif free:
             self._send(P.Credit(free))
         self.broker_seen = time.monotonic()
 
@@ -103,8 +128,17 @@ class WorkerLoop:
         poller.register(self.sock, zmq.POLLIN)
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
         failures = 0
-        while not self._stop:
-            ready = dict(poller.poll(max(0, int((next_beat - time.monotonic()) * 1000))))
+        told_stopping = False
+        while not self._done_stopping():
+            if self._stopping_since is not None and not told_stopping:
+                told_stopping = True
+                log.info("%s: stopping; %d running tasks get %gs to finish", self.h.name, len(self.running),
+                         self.grace_s)
+                self._send(P.Stopping())
+            wait = next_beat - time.monotonic()
+            if self._stopping_since is not None:
+                wait = min(wait, 0.1)
+            ready = dict(poller.poll(max(0, int(wait * 1000))))
             if self.results in ready:
                 self._forward_results()
             if self.sock in ready:
@@ -124,6 +158,9 @@ class WorkerLoop:
                 else:
                     self._send(P.Heartbeat())
                 failures = 0 if self.h.healthy() else failures + 1
+                if not failures and self.withheld and self._stopping_since is None:
+                    self._send(P.Credit(self.withheld))
+                    self.withheld = 0
                 if failures:
                     log.warning("%s: health check failed (%d in a row)", self.h.name, failures)
                 if failures >= HEALTH_FAILURES_FATAL:
@@ -140,7 +177,15 @@ class WorkerLoop:
             self.sock.send(payload)
             if isinstance(msg, P.Done):
                 self.running.discard(msg.task_id)
-                self._send(P.Credit(1))
+                if self._stopping_since is not None:
+                    continue
+                # A failure may be the engine's (a crashed model server): check now, not at
+                # the next heartbeat, so that no more tasks are taken only to fail. Unhealthy
+                # propagates (the process exits and supervisord restarts it).
+                if msg.error is not None and not self.h.healthy():
+                    self.withheld += 1  # given back once the check passes again
+                else:
+                    self._send(P.Credit(1))
 
     def _from_broker(self) -> bool:
         """Handle what the broker sent; True when it asks us to register again."""
@@ -151,8 +196,11 @@ class WorkerLoop:
                 return False
             try:
                 msg = P.broker_to_worker.decode(payload)
-            except Exception:
-                log.warning("%s: undecodable broker message dropped", self.h.name)
+            except Exception as exc:  # not the protocol: dropped and counted, never fatal
+                self.dropped += 1
+                if self.dropped % 1000 == 1:
+                    log.warning("%s: dropped a malformed broker message (%s); %d so far", self.h.name,
+                                type(exc).__name__, self.dropped)
                 continue
             if isinstance(msg, P.Dispatch):
                 self.running.add(msg.task_id)

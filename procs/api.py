@@ -15,6 +15,7 @@ from gunicorn.app.base import BaseApplication  # noqa: E402
 
 from appliance import logs, security  # noqa: E402
 from appliance.api.app import create_app, rate_limit_file  # noqa: E402
+from appliance.api.gworker import DrainingGeventWorker  # noqa: E402
 from appliance.api.ratelimit import prepare  # noqa: E402
 from appliance.config import load_settings  # noqa: E402
 
@@ -29,10 +30,10 @@ class ApiServer(BaseApplication):
         for key, value in {
             "bind": f"{s.api_host}:{s.api_port}",
             "workers": s.api_workers,
-            "worker_class": "gevent",
+            "worker_class": "appliance.api.gworker.DrainingGeventWorker",
             "worker_connections": s.api_connections,
             "timeout": 60,
-            "graceful_timeout": 10,
+            "graceful_timeout": int(s.drain_grace_s) + 10,  # the drain, then open requests finish
             "keepalive": 5,
             "accesslog": None,
             "proc_name": "appliance-api",
@@ -41,6 +42,7 @@ class ApiServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        DrainingGeventWorker.settings = self.settings
         return create_app(self.settings)
 
 

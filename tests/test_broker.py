@@ -75,8 +75,11 @@ class Running:
         self.peers.append(p)
         return p
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False) -> None:
+        """Stop now (a second SIGTERM), or `drain` (the first one) and wait for the loop to end."""
         self.broker.stop()
+        if not drain:
+            self.broker.stop()
         self.thread.join(5)
         assert not self.thread.is_alive()
         for p in self.peers:
@@ -504,3 +507,95 @@ def test_outbox_keeps_order_for_a_slow_reader_and_counts_the_undeliverable(monke
     finally:
         reader.close(0)
         router.close(0)
+
+
+def test_a_draining_broker_refuses_new_work_lets_running_tasks_finish_and_keeps_the_queue(settings):
+    """The first SIGTERM drains: submits are refused `shutting_down` (the API's 503),
+    nothing queued is dispatched any more, the running task's result is still taken,
+    and the loop ends once nothing runs. The next start has the queued task, and the
+    finished one is not run again."""
+    first = Running(settings)
+    c = first.client()
+    running_id, queued_id = submit(c, 1), submit(c, 2)
+    w = first.worker("w1", slots=1)
+    d = w.recv_not(P.Heartbeat)
+    assert d.task_id == running_id
+    first.broker.stop()  # SIGTERM
+    c.send(P.Submit(3, SPEC))
+    refused = c.recv()
+    assert isinstance(refused, P.Refused) and refused.code == "shutting_down"
+    c.send(P.Ping(4))
+    assert c.recv().draining is True
+    w.send(P.Done(running_id, result=P.TaskResult(text="finished in the drain")))
+    w.send(P.Credit(1))
+    assert w.recv_not(P.Heartbeat, timeout=0.5) in (None, P.Disconnect())  # the queued task stays queued
+    first.thread.join(5)
+    assert not first.thread.is_alive()  # nothing ran any more: the drain ended by itself
+    first.stop()
+
+    second = Running(settings)
+    try:
+        c2 = second.client()
+        assert query(c2, running_id).result.text == "finished in the drain"
+        assert query(c2, queued_id).state == "queued"
+        w2 = second.worker("w2", slots=2)
+        assert w2.recv_not(P.Heartbeat).task_id == queued_id  # and only that one
+        assert w2.recv_not(P.Heartbeat, timeout=0.5) is None
+    finally:
+        second.stop()
+
+
+def test_a_drain_ends_after_its_grace_and_the_unfinished_task_runs_again_next_time(tmp_path):
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "DRAIN_GRACE_S": "0.5"})
+    first = Running(s)
+    c = first.client()
+    task_id = submit(c, 1)
+    w = first.worker("w1", slots=1)
+    assert w.recv_not(P.Heartbeat).task_id == task_id
+    t0 = time.monotonic()
+    first.broker.stop()
+    first.thread.join(5)
+    assert not first.thread.is_alive() and 0.4 < time.monotonic() - t0 < 3
+    first.stop()
+    second = Running(s)
+    try:
+        c2 = second.client()
+        assert query(c2, task_id).state == "queued"  # not lost: it runs again
+        w2 = second.worker("w2", slots=1)
+        assert w2.recv_not(P.Heartbeat).task_id == task_id
+    finally:
+        second.stop()
+
+
+def test_a_stopping_worker_gets_no_new_work_but_its_result_counts(broker):
+    c = broker.client()
+    first = submit(c, 1)
+    w = broker.worker("w1", slots=2)
+    assert w.recv_not(P.Heartbeat).task_id == first
+    w.send(P.Stopping())
+    second = submit(c, 2)
+    w.send(P.Credit(1))  # a stopping worker's credit is void
+    assert w.recv_not(P.Heartbeat, timeout=0.5) is None
+    st = stats(c)
+    assert st.workers[0].stopping and st.workers[0].credit == 0
+    w.send(P.Done(first, result=P.TaskResult(text="ok")))
+    time.sleep(0.2)
+    assert query(c, first).state == "completed" and query(c, second).state == "queued"
+    other = broker.worker("w2", slots=1)
+    assert other.recv_not(P.Heartbeat).task_id == second
+
+
+def test_a_task_whose_model_server_went_away_runs_again_on_another_instance(broker):
+    """llama.cpp killed under a running task is the instance's failure, not the task's:
+    the task is requeued (avoiding that instance) and says so with `attempts: 2`."""
+    c = broker.client()
+    task_id = submit(c, 1)
+    w1 = broker.worker("w1", slots=1)
+    assert w1.recv_not(P.Heartbeat).task_id == task_id
+    w2 = broker.worker("w2", slots=1)
+    w1.send(P.Done(task_id, error=P.TaskError("llama_unavailable", "ConnectionRefusedError")))
+    assert w2.recv_not(P.Heartbeat).task_id == task_id
+    w2.send(P.Done(task_id, result=P.TaskResult(text="second time")))
+    time.sleep(0.2)
+    rec = query(c, task_id)
+    assert (rec.state, rec.attempts, rec.worker, rec.result.text) == ("completed", 2, "w2", "second time")

@@ -28,7 +28,7 @@ def slow(tmp_path_factory):
     model = write_tiny_model(tmp_path_factory.mktemp("slow") / "slow.gguf",
                              TinySpec(n_embd=256, n_layer=4, n_ff=1024, n_ctx=8192))
     with running_appliance(tmp_path_factory, MODEL_PATH=str(model), LLAMA_SLOTS="1", LLAMA_CTX="8192",
-                           QUEUE_MAX_SIZE="300", RESULT_TTL_S="3") as app:
+                           QUEUE_MAX_SIZE="300", RESULT_TTL_S="3", DRAIN_GRACE_S="2") as app:
         yield app
 
 
@@ -219,16 +219,30 @@ def test_nothing_acknowledged_is_lost_when_the_broker_is_killed(slow):
     assert states == {"completed"}, states
 
 
+def test_stopping_a_launcher_lets_a_short_task_finish_first(slow):
+    """supervisorctl stop with a task running: the launcher takes nothing new and lets it
+    finish within DRAIN_GRACE_S (2 s here) before it exits; the task ran once."""
+    task_id = slow.post("/v1/async/submit", json={**LONG, "max_tokens": 300}).json()["task_id"]
+    wait_until(lambda: state(slow, task_id) == "running", 10, what="running")
+    out = slow.ctl("stop", "llama:llama-0")
+    assert "stopped" in out.stdout, out.stdout
+    st = slow.get(f"/v1/async/status/{task_id}").json()
+    assert (st["state"], st["attempts"]) == ("completed", 1), st
+    slow.ctl("start", "llama:llama-0")
+    wait_until(lambda: slow.get("/readyz").status_code == 200, 30, what="the instance back")
+
+
 def test_stopping_a_launcher_mid_task_is_prompt_and_the_task_runs_again(slow):
-    """supervisorctl stop with a long generation running: the launcher stops its task
-    and exits within seconds (it used to hang in a task thread until supervisord's
-    SIGKILL), and the task, requeued by the broker, completes once the launcher is back."""
+    """supervisorctl stop with a generation longer than the grace running: the launcher
+    stops its task when the grace is over and exits at once (it used to hang in a task
+    thread until supervisord's SIGKILL), and the task, requeued by the broker, completes
+    once the launcher is back."""
     task_id = slow.post("/v1/async/submit", json=LONG).json()["task_id"]
     wait_until(lambda: state(slow, task_id) == "running", 10, what="running")
     t0 = time.monotonic()
     out = slow.ctl("stop", "llama:llama-0")
     stopped_in = time.monotonic() - t0
-    assert "stopped" in out.stdout and stopped_in < 5, (out.stdout, stopped_in)
+    assert "stopped" in out.stdout and 1.5 < stopped_in < 5, (out.stdout, stopped_in)
     log = (slow.home / "var" / "log" / "supervisord.log").read_text()
     assert "killing 'llama-0'" not in log  # supervisord did not have to SIGKILL it
     slow.ctl("start", "llama:llama-0")

@@ -13,7 +13,7 @@ import falcon
 from .. import protocol as P
 from ..audit import AuditLog
 from ..config import Settings
-from . import async_api, instances_api, openai_api, openapi
+from . import async_api, instances_api, lifecycle, openai_api, openapi
 from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
@@ -39,9 +39,14 @@ class Readyz:
         self.api = api
 
     def on_get(self, req, resp):
+        if lifecycle.state.draining:
+            raise ApiError(503, "shutting_down", "this API worker is shutting down", headers={"Retry-After": "5"})
         pong = self.api.broker().ping()
         body = {"broker": "ok", "workers_ready": pong.workers_ready, "queued": pong.queued,
                 "running": pong.running, "gpu": pong.gpu_state}
+        if pong.draining:
+            raise ApiError(503, "shutting_down", "the appliance is shutting down", body,
+                           headers={"Retry-After": "5"})
         if pong.workers_ready < 1:
             raise ApiError(503, "no_instance_ready", "no model instance is registered with the broker",
                            body, headers={"Retry-After": "1"})

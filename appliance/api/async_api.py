@@ -27,6 +27,7 @@ def _links(task_id: str) -> dict:
 
 
 class Submit:
+    new_work = True  # refused 503 shutting_down while the API drains
     auth = WRITE
 
     def __init__(self, api: Api):
@@ -45,6 +46,7 @@ class Submit:
 
 class SubmitBatch:
     """All or nothing: either every task is queued, or none is and the error says why."""
+    new_work = True  # refused 503 shutting_down while the API drains
 
     auth = WRITE
 
@@ -149,7 +151,9 @@ class Health:
 
 class Stream:
     """SSE: `token` events with text as llama.cpp produces it, then one `result` event
-    with the final record (or `error` if the task outlives the stream's patience)."""
+    with the final record, or one `error` event that says why the stream ends first
+    (stream_timeout, task_restarted, stream_interrupted, broker_unavailable,
+    shutting_down; follow.py)."""
 
     auth = READ
 
@@ -176,6 +180,8 @@ class Stream:
                 yield sse_event(rec, "result")
             elif kind == "idle":
                 yield KEEPALIVE
+            elif kind == "interrupted":
+                yield sse_event({"error": {"code": value.code, "message": value.message}}, "error")
             else:
                 yield sse_event({"error": {"code": "stream_timeout", "message": "the task did not end in time"}},
                                 "error")

@@ -99,6 +99,7 @@ class BrokerClient:
         self._push = None  # the control socket into the events loop
         self._push_lock = threading.Lock()  # not _lock: the events loop takes that one
         self._watches: dict[bytes, list[Watch]] = {}
+        self.dropped: dict[str, int] = {}  # malformed replies and events
         self._control_addr = f"inproc://broker-events-{id(self)}"
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._events_io, name="broker-events", daemon=True)
@@ -109,10 +110,12 @@ class BrokerClient:
     # Each returns the broker's answer, or raises BrokerRefused / BrokerUnavailable.
     def submit(self, spec: P.TaskSpec, tenant: str, idempotency_key: str | None = None,
                task_id: str | None = None) -> P.Accepted:
-        return self._expect(P.Accepted, lambda r: P.Submit(r, spec, tenant, task_id, idempotency_key))
+        expires = time.time() + self.timeout_s
+        return self._expect(P.Accepted, lambda r: P.Submit(r, spec, tenant, task_id, idempotency_key, expires))
 
     def submit_batch(self, specs: list[P.TaskSpec], tenant: str) -> P.BatchAccepted:
-        return self._expect(P.BatchAccepted, lambda r: P.SubmitBatch(r, specs, tenant))
+        expires = time.time() + self.timeout_s
+        return self._expect(P.BatchAccepted, lambda r: P.SubmitBatch(r, specs, tenant, expires))
 
     def query(self, task_id: str, tenant: str, all_tenants: bool = False) -> P.TaskInfo:
         return self._expect(P.TaskInfo, lambda r: P.Query(r, task_id, tenant, all_tenants))
@@ -120,14 +123,14 @@ class BrokerClient:
     def cancel(self, task_id: str, tenant: str, all_tenants: bool = False) -> P.TaskInfo:
         return self._expect(P.TaskInfo, lambda r: P.Cancel(r, task_id, tenant, all_tenants))
 
-    def ping(self) -> P.Pong:
-        return self._expect(P.Pong, lambda r: P.Ping(r))
+    def ping(self, timeout_s: float | None = None) -> P.Pong:
+        return self._expect(P.Pong, lambda r: P.Ping(r), timeout_s)
 
     def stats(self) -> P.Stats:
         return self._expect(P.Stats, lambda r: P.GetStats(r))
 
-    def _expect(self, kind, make_msg):
-        reply = self.call(make_msg)
+    def _expect(self, kind, make_msg, timeout_s: float | None = None):
+        reply = self.call(make_msg, timeout_s)
         if isinstance(reply, P.Refused):
             raise BrokerRefused(reply.code, reply.message)
         if not isinstance(reply, kind):
@@ -193,11 +196,17 @@ class BrokerClient:
             try:
                 reply = P.front_reply.decode(raw)
             except Exception:
-                log.warning("undecodable broker reply dropped")
+                self._malformed("reply")
                 continue
             if reply.req == req:
                 return reply
             # a late reply to an earlier call on this socket that gave up: drop it
+
+    def _malformed(self, where: str) -> None:
+        """Not the protocol: dropped and counted (`dropped`), logged at the first and every 1000th."""
+        self.dropped[where] = n = self.dropped.get(where, 0) + 1
+        if n % 1000 == 1:
+            log.warning("dropped a malformed broker %s; %d so far", where, n)
 
     # ------------------------------------------------------------------ events
     def _events_io(self) -> None:
@@ -228,7 +237,8 @@ class BrokerClient:
                         topic, payload = sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    except ValueError:
+                    except ValueError:  # not two frames
+                        self._malformed("event")
                         continue
                     with self._lock:
                         watches = list(self._watches.get(topic, ()))
@@ -237,6 +247,7 @@ class BrokerClient:
                     try:
                         event = P.task_event.decode(payload)
                     except Exception:
+                        self._malformed("event")
                         continue
                     for w in watches:
                         w.events.put(event)

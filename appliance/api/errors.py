@@ -50,14 +50,17 @@ _REFUSAL_STATUS = {
     "model_not_found": 404,
     "queue_full": 429,
     "storage_unavailable": 503,
+    "shutting_down": 503,
 }
+# Retry-After (seconds) of a refusal; 1 unless said here. A restart takes a few seconds.
+_RETRY_AFTER = {"shutting_down": "5"}
 
 
 def from_broker(exc: Exception) -> ApiError:
     """A broker refusal (its code is ours) or a broker that did not answer, as HTTP."""
     if isinstance(exc, BrokerRefused):
         status = _REFUSAL_STATUS.get(exc.code, 400)
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        headers = {"Retry-After": _RETRY_AFTER.get(exc.code, "1")} if status in (429, 503) else None
         return ApiError(status, exc.code, exc.message, headers=headers)
     return ApiError(503, "broker_unavailable", str(exc), headers={"Retry-After": "1"})
 

@@ -19,6 +19,7 @@ import falcon
 from ..audit import AuditLog
 from ..config import Settings
 from .auth import Authenticator
+from . import lifecycle
 from .errors import ApiError
 from .ratelimit import RateLimiter
 
@@ -90,6 +91,9 @@ class Guard:
             raise ApiError(403, "insufficient_scope", f"this call needs the `{scope}` scope", {"required": scope},
                            headers={"WWW-Authenticate": f'Bearer realm="appliance", error="insufficient_scope", '
                                                         f'scope="{scope}"'})
+        if lifecycle.state.draining and getattr(resource, "new_work", False):
+            raise ApiError(503, "shutting_down", "the appliance is shutting down; retry after it is back",
+                           headers={"Retry-After": "5"})
         wait = self.limiter.take(principal.subject, scope)
         if wait > 0:
             raise ApiError(429, "rate_limited", f"rate limit for `{scope}` exceeded; retry after the delay",

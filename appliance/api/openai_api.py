@@ -174,9 +174,11 @@ class OpenAI:
     def wait(self, req: falcon.Request, spec: P.TaskSpec) -> P.TaskRecord:
         task_id, watch = self.start(req, spec)
         owner = self.api.owner(req)
-        for kind, value in follow(self.api, task_id, self.deadline(spec), owner, watch):
+        for kind, value in follow(self.api, task_id, self.deadline(spec), owner, watch, text=False):
             if kind == "final":
                 return self.check_final(value)
+            if kind == "interrupted":
+                raise ApiError(503, value.code, value.message, {"task_id": task_id}, headers={"Retry-After": "1"})
             if kind == "timeout":
                 self.api.broker().cancel(task_id, *owner)
                 raise ApiError(504, "timeout", "the task did not finish in time")
@@ -208,6 +210,8 @@ class OpenAI:
                     yield sse_event(make_chunk(task_id, text=value))
                 elif kind == "idle":
                     yield KEEPALIVE
+                elif kind == "interrupted":
+                    yield sse_event({"error": {"code": value.code, "message": value.message, "type": "interrupted"}})
                 elif kind == "final":
                     try:
                         rec = self.check_final(value)
@@ -261,6 +265,7 @@ def _answer(oa: OpenAI, req, resp, spec: P.TaskSpec, model: str, stream: bool, i
 
 
 class ChatCompletions:
+    new_work = True  # refused 503 shutting_down while the API drains
     auth = {"POST": "tasks:write"}
 
     def __init__(self, oa: OpenAI):
@@ -282,6 +287,7 @@ class ChatCompletions:
 
 
 class Completions:
+    new_work = True  # refused 503 shutting_down while the API drains
     auth = {"POST": "tasks:write"}
 
     def __init__(self, oa: OpenAI):
@@ -298,6 +304,7 @@ class Completions:
 
 
 class Embeddings:
+    new_work = True  # refused 503 shutting_down while the API drains
     auth = {"POST": "tasks:write"}
 
     def __init__(self, oa: OpenAI):

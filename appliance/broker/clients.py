@@ -17,7 +17,16 @@ class ClientSide:
         rec = self.table.lookup(task_id)
         return rec if rec is not None and (all_tenants or rec.tenant == tenant) else None
 
+    def _expired(self, expires_at: float) -> bool:
+        """The caller gave up on this submit already (and answered 503): do not run it unseen."""
+        if expires_at and time.time() > expires_at:
+            self.book.submits_expired += 1
+            return True
+        return False
+
     def on_submit(self, identity: bytes, msg: P.Submit) -> None:
+        if self._expired(msg.expires_at):
+            return
         idem = f"{msg.tenant}\0{msg.idempotency_key}" if msg.idempotency_key is not None else None
         if idem is not None:
             earlier = self.table.idempotent(idem)
@@ -31,6 +40,8 @@ class ClientSide:
         self._accept(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
 
     def on_submit_batch(self, identity: bytes, msg: P.SubmitBatch) -> None:
+        if self._expired(msg.expires_at):
+            return
         self._accept(identity, msg.req, msg.specs, msg.tenant, batch=True)
 
     def _refusal(self, specs: list[P.TaskSpec], batch: bool) -> tuple[str, str] | None:
@@ -55,7 +66,8 @@ class ClientSide:
 
         A model that is configured but has no live instance queues (health says so); a
         model no instance is configured for is refused at once."""
-        refusal = self._refusal(specs, batch)
+        refusal = (("shutting_down", "the appliance is shutting down; retry after it is back")
+                   if self.draining else self._refusal(specs, batch))
         if refusal is not None:
             self._reply(identity, P.Refused(req, *refusal))
             return
@@ -95,7 +107,7 @@ class ClientSide:
     def on_ping(self, identity: bytes, msg: P.Ping) -> None:
         ready = sum(1 for w in self.pool if w.slots > 0)
         self._reply(identity, P.Pong(msg.req, ready, self.table.queued, self.pool.running_total(), self.gpu_state,
-                                     self.pool.models(), self.catalog.models))
+                                     self.pool.models(), self.catalog.models, self.draining))
 
     def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
         book, table = self.book, self.table
@@ -113,7 +125,8 @@ class ClientSide:
             oldest_queued_s=oldest_s, last_progress_s=book.since_progress(), health=state, health_reason=reason,
             replies_deferred=self.outbox.deferred, replies_undeliverable=self.outbox.undeliverable,
             workers_dropped=self.pool.dropped, depth_by_model=table.depth_by_model(),
-            preemptions=book.preemptions))
+            preemptions=book.preemptions, submits_expired=book.submits_expired,
+            frames_dropped=dict(book.frames_dropped), journal_errors=table.journal.outage.errors))
 
     def _unserved_models(self) -> list[str]:
         """Models with queued tasks and no registered instance."""

@@ -37,6 +37,7 @@ class Worker:
     tasks: dict[str, int] = field(default_factory=dict)  # running task id -> its priority level
     low_running: int = 0                                  # of those, below `high`
     seconds_per_token: float = 0.0
+    stopping: bool = False  # it said Stopping: no credit any more, its tasks may finish
 
     @property
     def free(self) -> int:
@@ -117,7 +118,14 @@ class WorkerPool:
 
     # ------------------------------------------------------------ slots
     def add_credit(self, worker: Worker, n: int) -> None:
-        worker.credit = min(worker.slots - worker.running, worker.credit + max(0, n))
+        if not worker.stopping:
+            worker.credit = min(worker.slots - worker.running, worker.credit + max(0, n))
+
+    @staticmethod
+    def stopping(worker: Worker) -> None:
+        """The worker shuts down: it gets nothing new (its running tasks stay its own)."""
+        worker.stopping = True
+        worker.credit = 0
 
     def assign(self, worker: Worker, task_id: str, level: int) -> None:
         worker.credit -= 1
@@ -183,5 +191,5 @@ class WorkerPool:
     def view(self) -> list[P.WorkerStats]:
         return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, w.running, w.credit, w.reserved, w.gpu,
                               w.starts, w.gpu >= 0 and self.gpus.get(w.gpu, routing.Gpu()).throttled,
-                              w.seconds_per_token)
+                              w.seconds_per_token, w.stopping)
                 for w in self.workers.values()]

@@ -72,6 +72,7 @@ class Broker(ClientSide, WorkerSide):
         self._freeing: dict[str, tuple[str, float]] = {}        # preempted task -> (model, when)
         self._next_expire = self._next_instances = self._next_heartbeat = 0.0
         self._running = True
+        self._draining_since: float | None = None  # monotonic time of the first SIGTERM
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
                                 P.GetStats: self.on_stats}
@@ -88,20 +89,21 @@ class Broker(ClientSide, WorkerSide):
         for sock in (self.front, self.back, self.telemetry):
             poller.register(sock, zmq.POLLIN)
         log.info("broker up: front=%s back=%s", self.s.broker_front, self.s.broker_back)
-        while self._running:
+        while self._running and not self._drained():
             ready = dict(poller.poll(self._poll_timeout_ms()))
             if self.front in ready:
-                self._drain(self.front, self._on_front)
+                self._drain(self.front, self._on_front, "front")
             if self.back in ready:
-                self._drain(self.back, self._on_back)
+                self._drain(self.back, self._on_back, "back")
             if self.telemetry in ready:
-                self._drain(self.telemetry, self._on_telemetry)
+                self._drain(self.telemetry, self._on_telemetry, "telemetry")
             self._fire_timers()
             # Dispatch first: the worker starts while the journal fsyncs. Acks still wait
             # for the commit, so a crash here loses no acknowledged task; at worst a task
             # whose submit was never answered runs once for nothing.
-            self._dispatch()
-            self._preempt()
+            if self._draining_since is None:  # draining: queued tasks stay for the next start
+                self._dispatch()
+                self._preempt()
             self._commit_and_ack()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
@@ -116,23 +118,50 @@ class Broker(ClientSide, WorkerSide):
         deadline = self.table.next_deadline()
         if deadline is not None:
             wait = min(wait, deadline - time.time())
+        if self._draining_since is not None:
+            wait = min(wait, 0.1)  # look again soon whether the last running task is done
         if self.table.urgent and self.s.critical_max_wait_ms > 0:
             wait = min(wait, 0.05)  # critical work waits: look again soon (preemption)
         return max(0, int(wait * 1000) + 1)
 
     def stop(self, *_: object) -> None:
-        self._running = False
+        """First SIGTERM: drain (refuse new work, let running tasks finish within
+        DRAIN_GRACE_S, keep queued ones in the journal). A second one: stop now."""
+        if self._draining_since is None and self.s.drain_grace_s > 0:
+            self._draining_since = time.monotonic()
+            log.info("draining: new work refused; %d running tasks get %gs to finish; %d queued stay journaled",
+                     self.pool.running_total(), self.s.drain_grace_s, self.table.queued)
+        else:
+            self._running = False
+
+    @property
+    def draining(self) -> bool:
+        return self._draining_since is not None
+
+    def _drained(self) -> bool:
+        if self._draining_since is None:
+            return False
+        running = self.pool.running_total()
+        if running and time.monotonic() - self._draining_since < self.s.drain_grace_s:
+            return False
+        if running:
+            log.warning("drain grace over: %d tasks still running stay journaled and run again at the next start",
+                        running)
+        log.info("drained: %d queued tasks kept in the journal", self.table.queued)
+        return True
 
     def close(self) -> None:
         for w in self.pool:
             self._send_worker(w.identity, P.Disconnect())
-        self.table.commit()
+        try:
+            self.table.commit()
+        except Exception as exc:  # the last state changes are lost: their tasks run again at the next start
+            log.error("journal commit at exit failed: %s", exception_summary(exc))
         self.table.journal.close()
         for sock in (self.front, self.back, self.telemetry, self.events):
             sock.close(0)
 
-    @staticmethod
-    def _drain(sock: zmq.Socket, handler) -> None:
+    def _drain(self, sock: zmq.Socket, handler, name: str) -> None:
         """Every ready message, without blocking: batching is where the speed is."""
         while True:
             try:
@@ -140,26 +169,34 @@ class Broker(ClientSide, WorkerSide):
             except zmq.Again:
                 return
             if len(frames) != 2:
-                log.warning("dropped a message with %d frames", len(frames))
+                self._malformed(name, f"{len(frames)} frames")
                 continue
             try:
                 handler(frames[0], frames[1])
             except Exception as exc:  # a bug must cost one message, not the broker
                 log.error("message handling failed; message dropped: %s", exception_summary(exc))
 
+    def _malformed(self, name: str, what: str) -> None:
+        """A message that is not the protocol (garbage, truncated, another version):
+        dropped and counted (Stats.frames_dropped); logged at the first and every 1000th."""
+        book = self.book.frames_dropped
+        book[name] += 1
+        if book[name] % 1000 == 1:
+            log.warning("%s socket: dropped a malformed message (%s); %d so far", name, what, book[name])
+
     def _on_front(self, identity: bytes, payload: bytes) -> None:
         try:
             msg = P.front_request.decode(payload)
-        except Exception:
-            log.warning("undecodable client message dropped")
+        except Exception as exc:
+            self._malformed("front", type(exc).__name__)
             return
         self._front_handlers[type(msg)](identity, msg)
 
     def _on_back(self, identity: bytes, payload: bytes) -> None:
         try:
             msg = P.worker_to_broker.decode(payload)
-        except Exception:
-            log.warning("undecodable worker message dropped")
+        except Exception as exc:
+            self._malformed("back", type(exc).__name__)
             return
         now = time.monotonic()
         worker = self.pool.get(identity)
@@ -178,12 +215,15 @@ class Broker(ClientSide, WorkerSide):
             self.pool.add_credit(worker, msg.n)
         elif isinstance(msg, P.Disconnect):
             self._drop(worker, "disconnected")
+        elif isinstance(msg, P.Stopping):
+            self.pool.stopping(worker)
+            log.info("worker %s is stopping; %d running tasks may finish", worker.name, worker.running)
 
     def _on_telemetry(self, topic: bytes, payload: bytes) -> None:
         try:
             t = P.telemetry.decode(payload)
-        except Exception:
-            log.warning("undecodable telemetry dropped")
+        except Exception as exc:
+            self._malformed("telemetry", type(exc).__name__)
             return
         self.gpu_state = "cpu_only" if t.cpu_only else "gpu"
         self.pool.telemetry(t)
@@ -225,16 +265,32 @@ class Broker(ClientSide, WorkerSide):
         self._acks.append((identity, P.encode(msg)))
 
     def _commit_and_ack(self) -> None:
+        """Commit, then acknowledge. A journal that cannot be written (disk full, read-only)
+        refuses this batch's submits and forgets their tasks; the state changes of tasks
+        acknowledged earlier stay buffered in the journal and go in with the next commit
+        that succeeds: the broker recovers by itself when space returns. Each cause is
+        logged once per episode (this runs thousands of times a second), recovery once."""
+        journal = self.table.journal
+        outage, writing = journal.outage, journal.pending
         try:
             self.table.commit()
         except Exception as exc:
-            log.error("journal commit failed: %s; refusing %d submits", exc, len(self._unacked))
-            for identity, req, ids in self._unacked:
+            cause = outage.failed(exc, refused=len(self._unacked))
+            if cause is not None:
+                log.error("journal %s cannot be written (%s): submits are refused with storage_unavailable until "
+                          "it can; state changes of accepted tasks are kept and written then", journal.path, cause)
+            for _, _, ids in self._unacked:
                 self.table.forget(ids)
+            # Every reply that waited for this commit is refused, not dropped: the client
+            # learns at once (a cancel took effect in memory; retried, it says already_final).
+            for identity, payload in self._acks:
+                req = P.front_reply.decode(payload).req
                 self._reply(identity, P.Refused(req, "storage_unavailable", "the journal could not be written"))
             self._acks.clear()
             self._unacked.clear()
             return
+        if writing and (ended := outage.ended()) is not None:
+            log.warning("journal writable again after %d refused submits (%.1fs)", *ended)
         for identity, payload in self._acks:
             self.outbox.send(identity, payload)
         self._acks.clear()

@@ -56,6 +56,8 @@ class StatsBook:
         self._final_times: deque[float] = deque()     # monotonic times of the last minute's final states
         self.last_progress = time.monotonic()
         self.preemptions = 0
+        self.submits_expired = 0
+        self.frames_dropped: Counter[str] = Counter()  # per socket: malformed messages dropped
 
     def dispatched(self, waited_s: float) -> None:
         self.dispatch_ms.append(waited_s * 1000)

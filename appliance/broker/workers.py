@@ -27,6 +27,9 @@ log = logging.getLogger("appliance.broker")
 
 # A task whose worker vanished is requeued this many times, then failed `worker_lost`.
 MAX_REQUEUES = 1
+# Failures that are the instance's, not the task's: its model server went away under it
+# (crashed, killed). The task is requeued like one whose worker vanished.
+INSTANCE_FAILURES = frozenset({"llama_unavailable"})
 # A preempted task's freed slot is expected back within this long (then counted as free again).
 FREEING_S = 5.0
 NO_ONE: frozenset[str] = frozenset()
@@ -53,6 +56,10 @@ class WorkerSide:
         stay with it, and after a broker restart (when the journal's running tasks came
         back queued) it claims them back, so none runs twice. A task it runs that is
         final by now (cancelled, timed out while it was away) is aborted there."""
+        if msg.version != P.PROTOCOL_VERSION:  # its messages may not mean what ours do
+            self._malformed("back", f"Ready of {msg.worker[:64]!r} with protocol version {msg.version}, "
+                                    f"not {P.PROTOCOL_VERSION}: not registered")
+            return
         worker, lost = self.pool.register(identity, msg, now)
         self._requeue(lost, msg.worker)
         wall = time.time()
@@ -94,6 +101,8 @@ class WorkerSide:
             if not current:
                 self._abort_running(task, "cancelled")  # a second copy may run elsewhere
             self._finish(task, "completed", result=msg.result)
+        elif current and error.code in INSTANCE_FAILURES:
+            self._requeue({task.task_id}, worker.name)
         elif current or (task.record.state == "queued" and error.code not in ("preempted", "cancelled")):
             self._finish(task, "failed", result=msg.result, error=error)  # a result, if any: what it produced
 
@@ -115,6 +124,13 @@ class WorkerSide:
                 self.table.requeue(task, lost_on=worker_name)
             except QueueFull:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", "requeue refused: queue full"))
+                continue
+            self._requeued(task, f"its instance {worker_name} was lost")
+
+    def _requeued(self, task: Task, reason: str) -> None:
+        """Followers learn that the text streamed so far is void: the task starts over."""
+        self.events.send_multipart([task.task_id.encode(),
+                                    P.encode(P.Requeued(task.task_id, task.record.attempts, reason))])
 
     def _dispatch(self) -> None:
         if not self.table.queued or not len(self.pool):
@@ -166,6 +182,8 @@ class WorkerSide:
             except QueueFull:
                 self._finish(victim, "failed", error=P.TaskError("preempted", "stopped for critical work; "
                                                                  "no room to queue it again"))
+                continue
+            self._requeued(victim, "preempted for critical work")
 
     def _victim(self, model: str) -> Task | None:
         """The running task below `high` on `model` with the lowest priority, started last."""

@@ -17,7 +17,7 @@ from typing import Callable
 from .. import instances
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
-from ..worker import WorkerLoop
+from ..worker import Unhealthy, WorkerLoop
 from .client import LlamaClient
 from .provenance import quantization_of, sha256_of
 from .server import ServerStartError, new_api_key, start_server
@@ -90,6 +90,10 @@ class LlamaHandler:
         self.client.abort(task_id, reason)
 
     def healthy(self) -> bool:
+        try:
+            self.server.check_alive()
+        except ServerStartError as exc:  # an external server that exited will not come back by waiting
+            raise Unhealthy(f"{self.name}: {exc}") from None
         return self.server.health(timeout=2.0)
 
     def close(self) -> None:
@@ -104,7 +108,7 @@ def main(settings: Settings, name: str) -> None:
     # Pinned to its GPU (an embedded CPU build ignores it; an external CUDA server inherits it).
     os.environ["CUDA_VISIBLE_DEVICES"] = str(inst.gpu) if inst.gpu >= 0 else ""
     handler = LlamaHandler(settings, inst)
-    loop = WorkerLoop(handler, settings.broker_back, settings.worker_liveness_s)
+    loop = WorkerLoop(handler, settings.broker_back, settings.worker_liveness_s, settings.drain_grace_s)
     signal.signal(signal.SIGTERM, loop.stop)  # also during the model's start: serve() then returns at once
     signal.signal(signal.SIGINT, loop.stop)
     try:

@@ -35,7 +35,7 @@ priority=30
 autorestart=true
 startsecs=2
 startretries=5
-stopwaitsecs=15
+stopwaitsecs={stopwait}
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
@@ -44,17 +44,19 @@ stdout_logfile_maxbytes=10MB
 """
 
 
-def programs_conf(instances: list[Instance], log_dir: str) -> str:
+def programs_conf(instances: list[Instance], log_dir: str, grace_s: float = 30.0) -> str:
+    """The llama group; a launcher gets its tasks' grace (DRAIN_GRACE_S) and 15 s more to stop."""
+    stopwait = int(grace_s) + 15
     head = (f"; generated from the instances file by `appliance up` / `appliance reload`: do not edit\n"
             f"[group:{GROUP}]\nprograms={','.join(i.name for i in instances)}\npriority=30\n\n")
-    return head + "\n".join(_PROGRAM.format(name=i.name, log_dir=log_dir) for i in instances)
+    return head + "\n".join(_PROGRAM.format(name=i.name, log_dir=log_dir, stopwait=stopwait) for i in instances)
 
 
 def write_programs(s: Settings, instances: list[Instance]) -> Path:
     path = _here(s) / PROGRAMS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(programs_conf(instances, str(Path(s.log_dir).resolve())))
+    tmp.write_text(programs_conf(instances, str(Path(s.log_dir).resolve()), s.drain_grace_s))
     tmp.replace(path)
     return path
 
