@@ -2,7 +2,8 @@
 
 `init` writes .env with generated secrets, `up` runs supervisord in the foreground
 with every process (Ctrl-C stops all), `down` stops it, `status` lists the programs,
-`token` mints a bearer token, `audit verify` checks the audit chain. The home
+`token` mints a bearer token, `audit verify` checks the audit chain, `gpu record`
+records real NVML readings for replay (NVML_SAMPLES). The home
 directory (APPLIANCE_HOME, default: the current directory) holds supervisord.conf,
 .env, and var/.
 """
@@ -159,6 +160,17 @@ def cmd_audit_verify(args) -> None:
     print(f"appliance: audit log {path}: {n} records, chain intact")
 
 
+def cmd_gpu_record(args) -> None:
+    """Real NVML readings to a sample file that NVML_SAMPLES replays (appliance/gpu/record.py)."""
+    from .gpu.record import RecordError, record_file
+
+    try:
+        n, gpus = record_file(args.file, args.seconds, args.interval)
+    except RecordError as exc:
+        sys.exit(f"appliance: gpu record: {exc}")
+    print(f"appliance: wrote {n} samples of {gpus} GPU(s) to {args.file}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="appliance", description="Clinical LLM inference appliance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     v = asub.add_parser("verify", help="check the hash chain; names each changed, removed or reordered line")
     v.add_argument("--file", help="the log to check (default: AUDIT_LOG)")
     v.set_defaults(fn=cmd_audit_verify)
+    g = sub.add_parser("gpu", help="GPU tools")
+    gsub = g.add_subparsers(dest="gpu_command", required=True)
+    r = gsub.add_parser("record", help="record real NVML readings as JSON lines that NVML_SAMPLES replays")
+    r.add_argument("--seconds", type=float, required=True, help="how long to record")
+    r.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    r.add_argument("file", help="the sample file to write (JSON lines)")
+    r.set_defaults(fn=cmd_gpu_record)
     m = sub.add_parser("tiny-model", help="write the built-in random-weight GGUF to PATH")
     m.add_argument("path")
     m.set_defaults(fn=cmd_model)

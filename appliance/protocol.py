@@ -448,13 +448,40 @@ class Disconnect(_Msg):
 # ------------------------------------------------------ gpumon -> all (PUB)
 
 
+class GpuProcess(Struct, omit_defaults=True):
+    """A process holding memory on a GPU (NVML's compute processes)."""
+
+    pid: int                        # as NVML sees it: the host's PID namespace
+    memory_mb: float | None = None  # None: NVML does not say (no permission, MIG)
+    instance: str = ""              # the appliance instance it belongs to (launcher or child); "": another
+
+
 class GpuReading(Struct, omit_defaults=True):
+    """One GPU's readings. Fields after `utilization_pct` were added later, all with
+    defaults, so older messages still decode; None (absent on the wire) is what NVML
+    cannot give on that card, never a guess."""
+
     index: int
     name: str
     memory_total_mb: float
-    memory_used_mb: float
-    temperature_c: float
-    utilization_pct: float
+    memory_used_mb: float           # allocated, without the driver's reservation (NVML's v2 memory query)
+    temperature_c: float            # 0 when the card has no readable sensor
+    utilization_pct: float          # 0 when NVML cannot say (e.g. MIG mode)
+    uuid: str = ""
+    memory_reserved_mb: float | None = None  # held by the driver; total = used + reserved + free
+    memory_free_mb: float | None = None
+    memory_utilization_pct: float | None = None
+    temperature_slowdown_c: float | None = None  # the card's own thresholds
+    temperature_shutdown_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None  # enforced
+    sm_clock_mhz: int | None = None
+    mem_clock_mhz: int | None = None
+    throttle_reasons: list[str] | None = None  # clock-event reasons (appliance/gpu/reasons.py); []: none
+    throttle_thermal: bool | None = None   # sw_thermal or hw_thermal
+    throttle_power: bool | None = None     # sw_power_cap or hw_power_brake
+    throttle_hardware: bool | None = None  # hw_slowdown, hw_thermal or hw_power_brake
+    processes: list[GpuProcess] | None = None  # None: NVML cannot list them; []: none
 
 
 class Telemetry(_Msg):
