@@ -30,6 +30,13 @@ def main() -> None:
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--embeddings", action="store_true")
     ap.add_argument("--pooling", default="mean")
+    # llama-server's own names, for the memory planner's checks (tests/test_planner.py)
+    ap.add_argument("-lv", "--verbosity", "--log-verbosity", type=int, default=None)  # 4: buffer sizes
+    ap.add_argument("-ctk", "--cache-type-k", default="f16")
+    ap.add_argument("-ctv", "--cache-type-v", default="f16")
+    ap.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto")
+    ap.add_argument("-ub", "--ubatch-size", type=int, default=512)
+    ap.add_argument("-kvu", "--kv-unified", action="store_true")
     a = ap.parse_args()
     p = xlc.CommonParams()
     p.model.path = a.model
@@ -47,6 +54,15 @@ def main() -> None:
     p.endpoint_metrics = a.metrics
     p.model_alias = {a.alias}
     p.warmup = False
+    if a.verbosity is not None:
+        p.verbosity = a.verbosity
+    p.cache_type_k = getattr(xlc.ggml_type, "GGML_TYPE_" + a.cache_type_k.upper())
+    p.cache_type_v = getattr(xlc.ggml_type, "GGML_TYPE_" + a.cache_type_v.upper())
+    p.flash_attn_type = getattr(xlc.llama_flash_attn_type, "LLAMA_FLASH_ATTN_TYPE_" + {
+        "on": "ENABLED", "off": "DISABLED", "auto": "AUTO"}[a.flash_attn])
+    p.n_ubatch = a.ubatch_size
+    p.n_batch = max(p.n_batch, a.ubatch_size)
+    p.kv_unified = a.kv_unified
     if os.environ.get("LLAMA_API_KEY"):
         p.api_keys = [os.environ["LLAMA_API_KEY"]]
     server = xlc.Server(p)  # serves on its own threads
