@@ -104,13 +104,19 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     llama_threads: Annotated[int, Meta(ge=1)] = 1
     llama_gpu_layers: Annotated[int, Meta(ge=0)] = 0
     llama_start_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
+    # llama.cpp's host-memory prompt cache per instance (its own default, 8192 MiB, let a
+    # default appliance of three instances grow towards 24 GiB of RAM); 0: off, -1: no limit
+    llama_cache_ram_mib: Annotated[int, Meta(ge=-1)] = 256
 
     # routing (README, "Routing"; appliance/broker/routing.py)
     affinity_slack: Annotated[int, Meta(ge=0, le=1000)] = 1  # running tasks a conversation's instance may
                                                               # have beyond the least busy one and keep it
     critical_max_wait_ms: Annotated[float, Meta(ge=0)] = 1000.0  # then preempt lower work; 0: never
-    gpu_throttle_c: Annotated[float, Meta(gt=0, le=120)] = 85.0  # an instance's GPU this hot: no new work
-    gpu_resume_c: Annotated[float, Meta(gt=0, le=120)] = 80.0    # ... until it cools below this
+    thermal_limit_c: Annotated[float, Meta(gt=0, le=120)] = 85.0   # an instance's GPU this hot: no new work
+    thermal_resume_c: Annotated[float, Meta(gt=0, le=120)] = 80.0  # ... until it is this cool again
+    memory_pressure_pct: Annotated[float, Meta(gt=0, le=100)] = 95.0  # GPU memory this full: no new work
+    gpu_cuda_context_mb: Annotated[float, Meta(ge=0)] = 650.0       # per process, in memory forecasts
+    gpu_plan_headroom_pct: Annotated[float, Meta(ge=0, lt=100)] = 10.0  # GPU memory plans keep free
 
     gpumon_interval_s: Annotated[float, Meta(gt=0)] = 2.0
     nvml_samples: str = ""
@@ -230,9 +236,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     except msgspec.ValidationError as exc:
         raise ConfigError(str(exc).replace("`$.", "`")) from None
     parse_rate_limits(s.rate_limits)  # a typo is refused at start, naming the part, in every process
-    if s.gpu_resume_c > s.gpu_throttle_c:
-        raise ConfigError(f"GPU_RESUME_C ({s.gpu_resume_c:g}) must not be above GPU_THROTTLE_C "
-                          f"({s.gpu_throttle_c:g}): a GPU would never be let back in")
+    if s.thermal_resume_c > s.thermal_limit_c:
+        raise ConfigError(f"THERMAL_RESUME_C ({s.thermal_resume_c:g}) must not be above THERMAL_LIMIT_C "
+                          f"({s.thermal_limit_c:g}): a GPU would never be let back in")
     var = home / "var"
     s.data_dir = s.data_dir or str(var / "data")
     s.run_dir = s.run_dir or str(var / "run")

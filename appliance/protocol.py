@@ -218,6 +218,7 @@ class TaskRecord(Struct, omit_defaults=True):
     result_expired: bool = False  # past RESULT_TTL_S: the result itself is gone
     attempts: int = 0             # times it was dispatched (2: re-run after its instance was lost)
     preempted: int = 0            # times it was stopped to free a slot for critical work
+    pin: str | None = None        # runs only on this instance (GPU benchmarks); None: wherever routing says
 
 
 # ------------------------------------------------- api <-> broker (front ROUTER)
@@ -240,6 +241,7 @@ class Submit(_Msg):
     # Wall-clock time after which the caller has stopped waiting (and answered 503): a
     # submit read later (a frozen or backed-up broker) is dropped, not run unseen. 0: none.
     expires_at: float = 0.0
+    pin: str | None = None  # an instance name: the task runs there only (set by the API, never by clients)
 
 
 class SubmitBatch(_Msg):
@@ -313,6 +315,7 @@ class WorkerStats(Struct):
     throttled: bool = False        # its GPU is too hot: it gets no new work
     seconds_per_token: float = 0.0  # EWMA of its generation speed (0: not measured yet)
     stopping: bool = False         # it is shutting down: finishes what it runs, takes nothing new
+    throttle_reason: str = ""      # why its GPU gets no new work (empty: it does)
 
 
 class Stats(_Msg):
@@ -339,6 +342,28 @@ class Stats(_Msg):
     journal_errors: int = 0         # failed journal writes (disk full, read-only) since the broker started
     submits_expired: int = 0        # submits read after their caller gave up (expires_at): dropped
     frames_dropped: dict[str, int] = {}  # malformed messages dropped, per socket (front, back, telemetry)
+
+
+class GetGpu(_Msg):
+    req: int
+
+
+class GpuState(Struct):
+    """The broker's routing view of one GPU (appliance/broker/routing.py, gpu_state)."""
+
+    index: int
+    throttled: bool
+    reason: str = ""
+
+
+class GpuStatus(_Msg):
+    """The latest telemetry the broker holds (None: none yet), its throttle states, and
+    the registered instances (each with its GPU)."""
+
+    req: int
+    telemetry: Telemetry | None
+    states: list[GpuState]
+    workers: list[WorkerStats]
 
 
 class Pong(_Msg):
@@ -498,8 +523,8 @@ TOKEN_FLUSH_S = 0.02
 # Events PUB (broker): two frames, the task id (ascii, the topic) and the message.
 TaskEvent = Union[Tokens, Final, Requeued]
 
-FrontRequest = Union[Submit, SubmitBatch, Query, Cancel, Ping, GetStats]
-FrontReply = Union[Accepted, BatchAccepted, TaskInfo, Pong, Stats, Refused]
+FrontRequest = Union[Submit, SubmitBatch, Query, Cancel, Ping, GetStats, GetGpu]
+FrontReply = Union[Accepted, BatchAccepted, TaskInfo, Pong, Stats, Refused, GpuStatus]
 WorkerToBroker = Union[Ready, Credit, Done, Tokens, Heartbeat, Disconnect, Stopping]
 BrokerToWorker = Union[Dispatch, Abort, Heartbeat, Disconnect]
 

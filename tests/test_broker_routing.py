@@ -3,11 +3,13 @@ slots, preemption, affinity and retries elsewhere."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from appliance import protocol as P
 from appliance.config import load_settings
+from appliance.instances import TINY_ALIAS as TINY
 from test_broker import Peer, Running, query, stats
 
 TWO_MODELS = """
@@ -153,3 +155,63 @@ def test_a_task_lost_with_its_instance_is_retried_elsewhere(two_models):
     time.sleep(0.2)
     rec = query(c, task_id)
     assert rec.state == "completed" and rec.worker == "a-1" and rec.attempts == 2
+
+
+def test_a_heat_ramp_on_one_gpu_pauses_its_dispatch_and_resumes_after_the_hysteresis(tmp_path):
+    """The recorded H200 heat ramp (tests/data), replayed through the monitor's own
+    reader and published on the telemetry socket: while GPU 0 is hot (85 °C and up,
+    or NVML's thermal slowdown) and until it is back at 80 °C, its instance gets no
+    new work and everything goes to GPU 1's; then both take work again."""
+    import zmq
+
+    from appliance.config import ensure_dirs
+    from appliance.gpu.monitor import Monitor
+
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "CRITICAL_MAX_WAIT_MS": "0",
+                       "NVML_SAMPLES": str(Path(__file__).parent / "data" / "h200-heat-ramp.jsonl")})
+    ensure_dirs(s)
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(s.telemetry_endpoint)
+    b = Running(s)
+    try:
+        w = {}
+        for gpu in (0, 1):
+            peer = Peer(s.broker_back, P.broker_to_worker, f"g{gpu}".encode())
+            b.peers.append(peer)
+            peer.send(P.Ready(f"g{gpu}", TINY, 8, "http://127.0.0.1:1", gpu=gpu))
+            peer.send(P.Credit(8))
+            w[gpu] = peer
+        c = b.client()
+        monitor = Monitor(s)
+        time.sleep(0.3)  # the broker's SUB is connected
+        timeline = []
+        for step in range(16):  # one line of the recording each
+            t = monitor.sample()
+            pub.send_multipart([P.TELEMETRY_TOPIC, P.encode(t)])
+            time.sleep(0.05)
+            st = stats(c)
+            hot = {x.name: x.throttled for x in st.workers}["g0"]
+            c.send(P.Submit(100 + step, P.CompleteTask(prompt=f"note {step}")))  # no affinity between steps
+            reply = c.recv()
+            got = {gpu: dispatched(w[gpu], timeout=0.15) for gpu in (0, 1)}
+            for gpu, ids in got.items():
+                for task_id in ids:
+                    w[gpu].send(P.Done(task_id, result=P.TaskResult(text="ok")))
+                    w[gpu].send(P.Credit(1))
+            timeline.append((t.gpus[0].temperature_c, hot, 0 if got[0] else 1 if got[1] else None))
+            assert isinstance(reply, P.Accepted)
+        temps = [x[0] for x in timeline]
+        peak = temps.index(max(temps))
+        assert any(hot for _, hot, _ in timeline[:peak + 1]), timeline
+        for temp, hot, went in timeline:
+            if hot:
+                assert went == 1, timeline  # nothing new for the hot GPU
+        # hysteresis: still out on the way down between 85 and 80 °C, back at 80 and below
+        cooling = [(temp, hot) for temp, hot, _ in timeline[peak:]]
+        assert all(hot for temp, hot in cooling if temp > 80.0 and temp < 85.0), cooling
+        assert not timeline[-1][1] and timeline[-1][2] is not None
+        assert any(went == 0 for _, hot, went in timeline[peak:] if not hot), timeline  # GPU 0 serves again
+    finally:
+        b.stop()
+        pub.close(0)

@@ -135,11 +135,11 @@ def test_the_recorded_episodes_are_what_their_names_say():
     assert hot and all(g.throttle_thermal and "sw_thermal" in g.throttle_reasons for g in hot)
     assert not any(g[0].throttle_thermal for g in heat if g[0].temperature_c < 87)
     assert heat[0][0].throttle_reasons == ["gpu_idle"] and heat[0][0].power_w == 77.0  # idle, as measured
-    # routing's hysteresis (GPU_THROTTLE_C 85, GPU_RESUME_C 80): GPU 0 out and back in, GPU 1 never out
-    states, was = [], [False, False]
+    # routing's rule (THERMAL_LIMIT_C 85, THERMAL_RESUME_C 80): GPU 0 out and back in, GPU 1 never out
+    states, was = [], [routing.Gpu(), routing.Gpu()]
     for gpus in heat:
-        was = [routing.throttled(w, g.temperature_c, 85.0, 80.0) for w, g in zip(was, gpus)]
-        states.append(tuple(was))
+        was = [routing.gpu_state(w, g, routing.Limits()) for w, g in zip(was, gpus)]
+        states.append(tuple(w.throttled for w in was))
     assert (True, False) in states and states[-1] == (False, False) and not any(s[1] for s in states)
 
     climb = [g[0] for g in replay(DATA / "h200-memory-climb.jsonl")]

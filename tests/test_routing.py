@@ -5,7 +5,7 @@ import pytest
 
 from appliance import instances
 from appliance import protocol as P
-from appliance.broker.routing import Candidate, Gpu, choose, throttled
+from appliance.broker.routing import Candidate, Gpu, Limits, choose, gpu_state, throttled
 from appliance.broker.routing import conversation_key
 from appliance.config import ConfigError, load_settings
 
@@ -134,3 +134,31 @@ def test_the_supervisord_programs_are_generated_from_the_instances(settings):
     assert "[group:llama]\nprograms=llama-0,llama-1,llama-2" in conf
     assert "[program:llama-2]\ncommand=python -m procs.llama llama-2" in conf
     assert "stdout_logfile=/var/log/app/llama-1.log" in conf
+
+
+def reading(temp=50.0, used=1000.0, total=10000.0, **kw) -> P.GpuReading:
+    return P.GpuReading(0, "gpu", total, used, temp, 10.0, **kw)
+
+
+def test_gpu_state_goes_out_on_heat_slowdown_or_memory_and_says_why():
+    limits = Limits(85, 80, 95)
+    assert gpu_state(Gpu(), reading(), limits) == Gpu(False, 0.9, "")
+    hot = gpu_state(Gpu(), reading(temp=86), limits)
+    assert hot.throttled and "86 °C" in hot.reason
+    slow = gpu_state(Gpu(), reading(temp=70, throttle_thermal=True), limits)  # the GPU slows itself below the mark
+    assert slow.throttled and "thermal slowdown" in slow.reason
+    assert "hardware slowdown" in gpu_state(Gpu(), reading(throttle_hardware=True), limits).reason
+    full = gpu_state(Gpu(), reading(used=9600), limits)
+    assert full.throttled and "memory 96 %" in full.reason
+    assert not gpu_state(Gpu(), reading(throttle_power=True), limits).throttled  # a power cap only slows it
+
+
+def test_gpu_state_comes_back_only_when_every_cause_clears_with_margin():
+    limits = Limits(85, 80, 95)
+    out = gpu_state(Gpu(), reading(temp=88, throttle_thermal=True), limits)
+    still = gpu_state(out, reading(temp=82), limits)  # reason gone, not cool enough yet
+    assert still.throttled and still.reason.startswith("cooling down")
+    assert not gpu_state(still, reading(temp=80), limits).throttled
+    full = gpu_state(Gpu(), reading(used=9500), limits)
+    assert gpu_state(full, reading(used=9200), limits).throttled      # 92 %: within the 5-point margin
+    assert not gpu_state(full, reading(used=8900), limits).throttled  # 89 %: back

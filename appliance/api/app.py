@@ -13,7 +13,7 @@ import falcon
 from .. import protocol as P
 from ..audit import AuditLog
 from ..config import Settings
-from . import async_api, instances_api, lifecycle, openai_api, openapi
+from . import async_api, gpu_api, instances_api, lifecycle, openai_api, openapi
 from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
@@ -71,5 +71,6 @@ def create_app(settings: Settings) -> falcon.App:
     async_api.add_routes(app, api)
     openai_api.add_routes(app, api)
     instances_api.add_routes(app, api)
+    gpu_api.add_routes(app, api)
     app.add_route("/openapi.json", openapi.OpenApi(settings))
     return app

@@ -109,9 +109,9 @@ class BrokerClient:
     # ------------------------------------------------------------ typed calls
     # Each returns the broker's answer, or raises BrokerRefused / BrokerUnavailable.
     def submit(self, spec: P.TaskSpec, tenant: str, idempotency_key: str | None = None,
-               task_id: str | None = None) -> P.Accepted:
+               task_id: str | None = None, pin: str | None = None) -> P.Accepted:
         expires = time.time() + self.timeout_s
-        return self._expect(P.Accepted, lambda r: P.Submit(r, spec, tenant, task_id, idempotency_key, expires))
+        return self._expect(P.Accepted, lambda r: P.Submit(r, spec, tenant, task_id, idempotency_key, expires, pin))
 
     def submit_batch(self, specs: list[P.TaskSpec], tenant: str) -> P.BatchAccepted:
         expires = time.time() + self.timeout_s
@@ -128,6 +128,9 @@ class BrokerClient:
 
     def stats(self) -> P.Stats:
         return self._expect(P.Stats, lambda r: P.GetStats(r))
+
+    def gpu(self) -> P.GpuStatus:
+        return self._expect(P.GpuStatus, lambda r: P.GetGpu(r))
 
     def _expect(self, kind, make_msg, timeout_s: float | None = None):
         reply = self.call(make_msg, timeout_s)

@@ -14,7 +14,7 @@ from msgspec import Struct
 from .. import protocol as P
 from .. import instances
 from ..config import ConfigError, Settings
-from . import async_api, instances_api, openai_api
+from . import async_api, gpu_api, instances_api, openai_api
 from .middleware import PUBLIC
 
 
@@ -167,6 +167,21 @@ _IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
 # Operations that take a task id, and the links that lead to them from a submit's answer.
 _INSTANCE = {"name": "name", "in": "path", "required": True,
              "schema": {"type": "string", "pattern": "^[a-z][a-z0-9-]{0,31}$"}}
+_Q_MODEL = {"name": "model", "in": "query", "required": False, "description": "a configured model id (default: "
+            "the first instance's)", "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
+_GPU_QUERY = (
+    _Q_MODEL,
+    {"name": "n_ctx", "in": "query", "required": False, "description": "total context (default: the instance's)",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 4194304}},
+    {"name": "n_parallel", "in": "query", "required": False, "description": "slots (default: the instance's)",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 256}},
+    {"name": "kv_type", "in": "query", "required": False, "schema": {"enum": ["f32", "f16", "bf16", "q8_0", "q4_0",
+                                                                             "q4_1", "q5_0", "q5_1", "iq4_nl"]}},
+    {"name": "gpu_layers", "in": "query", "required": False, "description": "layers offloaded (default: the "
+     "instance's; 999: all)", "schema": {"type": "integer", "minimum": 0, "maximum": 100000}},
+)
+_GPU_SIZE = {"name": "gpu_memory_mb", "in": "query", "required": False, "description": "plan for one GPU of this "
+             "size instead of the GPUs seen", "schema": {"type": "integer", "minimum": 256, "maximum": 10000000}}
 _BY_ID = {"getTaskStatus": "status", "getTaskResult": "result", "streamTask": "stream", "cancelTask": "cancel"}
 
 
@@ -253,6 +268,22 @@ def build(settings: Settings) -> dict:
         ("/v1/instances/{name}/restart", "post"): _op(
             "restartInstance", "restart one instance through supervisord (admin)", ("200", InstanceRestarted),
             "404 409 503", params=(_INSTANCE,)),
+        ("/v1/gpu/status", "get"): _op("getGpuStatus", "NVML readings per GPU, throttle state and reason, instances "
+                                       "per GPU (gpu:read)", ("200", dict[str, Any]), "503"),
+        ("/v1/gpu/memory-forecast", "get"): _op(
+            "getMemoryForecast", "memory a model needs (weights, KV cache, compute, CUDA context), from its GGUF "
+            "header, and whether it fits each GPU (gpu:read)", ("200", dict[str, Any]), "404 422 503",
+            params=_GPU_QUERY),
+        ("/v1/gpu/models-optimal", "get"): _op(
+            "getModelsOptimal", "per model and GPU: the largest context and slot count that fit, or why none does "
+            "(gpu:read)", ("200", dict[str, Any]), "422 503", params=(_GPU_SIZE,)),
+        ("/v1/gpu/rebalance", "post"): _op(
+            "rebalanceGpus", "a placement plan; apply: true (admin) edits the instances file and restarts what moves",
+            ("200", dict[str, Any]), "400 409 413 422 503", body=gpu_api.RebalanceBody),
+        ("/v1/gpu/benchmark-model", "post"): _op(
+            "benchmarkModel", "a short fixed generation on one instance at batch priority: llama.cpp's prompt and "
+            "generation tokens/s (admin)", ("200", dict[str, Any]), "400 404 413 422 502 503 504",
+            body=gpu_api.BenchmarkBody),
     }
     all_types = [t for _, types in ops.values() for t in types]
     schemas, components = msgspec.json.schema_components(all_types, ref_template="#/components/schemas/{name}")

@@ -37,7 +37,8 @@ class ClientSide:
         if msg.task_id is not None and (len(msg.task_id) != 32 or self.table.lookup(msg.task_id) is not None):
             self._reply(identity, P.Refused(msg.req, "invalid_field", "task_id: not a fresh 32-hex id"))
             return
-        self._accept(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem)
+        self._accept(identity, msg.req, [msg.spec], msg.tenant, batch=False, task_id=msg.task_id, idem=idem,
+                     pin=msg.pin)
 
     def on_submit_batch(self, identity: bytes, msg: P.SubmitBatch) -> None:
         if self._expired(msg.expires_at):
@@ -61,7 +62,7 @@ class ClientSide:
         return None
 
     def _accept(self, identity: bytes, req: int, specs: list[P.TaskSpec], tenant: str, batch: bool,
-                task_id: str | None = None, idem: str | None = None) -> None:
+                task_id: str | None = None, idem: str | None = None, pin: str | None = None) -> None:
         """Queue one task or a whole batch (atomic: all or none); the ack waits for the commit.
 
         A model that is configured but has no live instance queues (health says so); a
@@ -72,9 +73,9 @@ class ClientSide:
             self._reply(identity, P.Refused(req, *refusal))
             return
         now = time.time()
-        ids = [self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit), spec.model or self.catalog.default(),
-                              tenant, now,
-                              task_id if not batch else None, idem).task_id for spec in specs]
+        ids = [self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit),
+                              spec.model or self.catalog.default(), tenant, now,
+                              task_id if not batch else None, idem, pin).task_id for spec in specs]
         self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
         self._unacked.append((identity, req, ids))
 
@@ -127,6 +128,10 @@ class ClientSide:
             workers_dropped=self.pool.dropped, depth_by_model=table.depth_by_model(),
             preemptions=book.preemptions, submits_expired=book.submits_expired,
             frames_dropped=dict(book.frames_dropped), journal_errors=table.journal.outage.errors))
+
+    def on_gpu(self, identity: bytes, msg: P.GetGpu) -> None:
+        states = [P.GpuState(i, g.throttled, g.reason) for i, g in sorted(self.pool.gpus.items())]
+        self._reply(identity, P.GpuStatus(msg.req, self.last_telemetry, states, self.pool.view()))
 
     def _unserved_models(self) -> list[str]:
         """Models with queued tasks and no registered instance."""

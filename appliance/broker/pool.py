@@ -62,10 +62,10 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, liveness_s: float, slack: int = 1, throttle_c: float = 85.0, resume_c: float = 80.0):
+    def __init__(self, liveness_s: float, slack: int = 1, limits: routing.Limits = routing.Limits()):
         self.liveness_s = liveness_s
         self.slack = slack
-        self.throttle_c, self.resume_c = throttle_c, resume_c
+        self.limits = limits
         self.workers: dict[bytes, Worker] = {}
         self.gpus: dict[int, routing.Gpu] = {}
         self.affinity: OrderedDict[str, str] = OrderedDict()  # conversation key -> worker name
@@ -173,13 +173,8 @@ class WorkerPool:
 
     def telemetry(self, t: P.Telemetry) -> None:
         """New GPU readings: throttle states (with hysteresis) and memory headroom."""
-        gpus = {}
-        for g in t.gpus:
-            was = self.gpus.get(g.index, routing.Gpu()).throttled
-            free = 1 - g.memory_used_mb / g.memory_total_mb if g.memory_total_mb > 0 else 1.0
-            gpus[g.index] = routing.Gpu(routing.throttled(was, g.temperature_c, self.throttle_c, self.resume_c),
-                                        free)
-        self.gpus = gpus
+        self.gpus = {g.index: routing.gpu_state(self.gpus.get(g.index, routing.Gpu()), g, self.limits)
+                     for g in t.gpus}
 
     # ------------------------------------------------------------ views
     def running_total(self) -> int:
@@ -189,7 +184,9 @@ class WorkerPool:
         return sorted({w.model for w in self.workers.values()})
 
     def view(self) -> list[P.WorkerStats]:
-        return [P.WorkerStats(w.name, w.model, w.endpoint, w.slots, w.running, w.credit, w.reserved, w.gpu,
-                              w.starts, w.gpu >= 0 and self.gpus.get(w.gpu, routing.Gpu()).throttled,
-                              w.seconds_per_token, w.stopping)
-                for w in self.workers.values()]
+        view = []
+        for w in self.workers.values():
+            gpu = self.gpus.get(w.gpu, routing.Gpu()) if w.gpu >= 0 else routing.Gpu()
+            view.append(P.WorkerStats(w.name, w.model, w.endpoint, w.slots, w.running, w.credit, w.reserved, w.gpu,
+                                      w.starts, gpu.throttled, w.seconds_per_token, w.stopping, gpu.reason))
+        return view

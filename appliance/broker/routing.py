@@ -16,9 +16,11 @@ The rule (README, "Routing"), in order:
    the mean of those that are), doubled on a GPU with less than 5 % memory free. Ties:
    fewer running tasks, then the name.
 
-The GPU's throttle state has hysteresis (`throttled`): an instance whose GPU reached
-GPU_THROTTLE_C gets no new work until it cools below GPU_RESUME_C, so it does not
-flap in and out at the threshold.
+The GPU's throttle state (`gpu_state`) has hysteresis: an instance whose GPU reached
+THERMAL_LIMIT_C, or that NVML says slows down for heat or a hardware cause, or whose
+memory is MEMORY_PRESSURE_PCT full, gets no new work until the GPU is at or below
+THERMAL_RESUME_C, the reason has cleared and its memory is MEMORY_RESUME_MARGIN_PCT
+below the mark, so it does not flap in and out at a threshold.
 """
 from __future__ import annotations
 
@@ -46,10 +48,21 @@ class Candidate:
     gpu: int = -1
 
 
+MEMORY_RESUME_MARGIN_PCT = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Gpu:
     throttled: bool = False
     memory_free_fraction: float = 1.0
+    reason: str = ""  # why it is throttled (or still held back: the hysteresis)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    thermal_c: float = 85.0
+    resume_c: float = 80.0
+    memory_pct: float = 95.0
 
 
 def eligible(c: Candidate, urgent: bool, gpus: dict[int, Gpu]) -> bool:
@@ -89,12 +102,46 @@ def choose(candidates: list[Candidate], urgent: bool, gpus: dict[int, Gpu], affi
 
 
 def throttled(was: bool, temperature_c: float, throttle_c: float, resume_c: float) -> bool:
-    """Hysteresis: hot at throttle_c and above, cool again only below resume_c."""
+    """Temperature alone, with hysteresis: hot at throttle_c and above, back at resume_c and below."""
     if temperature_c >= throttle_c:
         return True
-    if temperature_c < resume_c:
+    if temperature_c <= resume_c:
         return False
     return was
+
+
+def gpu_state(was: Gpu, r: P.GpuReading, limits: Limits) -> Gpu:
+    """A GPU's new throttle state from its reading and its previous state.
+
+    Out: temperature at THERMAL_LIMIT_C, NVML's thermal or hardware slowdown (the GPU
+    slows itself, whatever its temperature says), or memory at MEMORY_PRESSURE_PCT.
+    Back in only when all are clear with margin: at or below THERMAL_RESUME_C, no
+    such reason, memory MEMORY_RESUME_MARGIN_PCT below the mark. A power cap is not a
+    reason: the GPU still serves, only slower (routing's speed EWMA sees that)."""
+    total = r.memory_total_mb
+    used_pct = 100.0 * r.memory_used_mb / total if total > 0 else 0.0
+    free = (r.memory_free_mb if r.memory_free_mb is not None else total - r.memory_used_mb) / total \
+        if total > 0 else 1.0
+    causes = []
+    if r.temperature_c >= limits.thermal_c:
+        causes.append(f"{r.temperature_c:.0f} °C, limit {limits.thermal_c:g}")
+    if r.throttle_thermal:
+        causes.append("NVML: thermal slowdown")
+    if r.throttle_hardware:
+        causes.append("NVML: hardware slowdown")
+    if used_pct >= limits.memory_pct:
+        causes.append(f"memory {used_pct:.0f} % used, limit {limits.memory_pct:g}")
+    if causes:
+        return Gpu(True, free, "; ".join(causes))
+    if was.throttled:
+        holding = []
+        if r.temperature_c > limits.resume_c:
+            holding.append(f"{r.temperature_c:.0f} °C, back at {limits.resume_c:g}")
+        if used_pct > limits.memory_pct - MEMORY_RESUME_MARGIN_PCT:
+            holding.append(f"memory {used_pct:.0f} % used, back at {limits.memory_pct - MEMORY_RESUME_MARGIN_PCT:g}")
+        if holding:
+            return Gpu(True, free, "cooling down: " + "; ".join(holding))
+    return Gpu(False, free, "")
 
 
 def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:

@@ -28,6 +28,7 @@ from ._pqueue import PriorityQueue
 from .clients import ClientSide
 from .models import ModelCatalog
 from .outbox import Outbox
+from . import routing
 from .pool import WorkerPool
 from .stats import StatsBook
 from .tasks import Task, TaskTable
@@ -63,9 +64,11 @@ class Broker(ClientSide, WorkerSide):
         self.table = TaskTable(SqliteJournal(journal_path or s.journal_path),
                                lambda: PriorityQueue(len(P.PRIORITIES), s.queue_max_size, s.queue_aging_s),
                                s.queue_max_size, s.result_ttl_s, s.result_tombstone_s)
-        self.pool = WorkerPool(s.worker_liveness_s, s.affinity_slack, s.gpu_throttle_c, s.gpu_resume_c)
+        self.pool = WorkerPool(s.worker_liveness_s, s.affinity_slack,
+                               routing.Limits(s.thermal_limit_c, s.thermal_resume_c, s.memory_pressure_pct))
         self.book = StatsBook()
         self.gpu_state = "unknown"
+        self.last_telemetry: P.Telemetry | None = None
         self.catalog = ModelCatalog(settings)
         self._acks: list[tuple[bytes, bytes]] = []             # replies that wait for the commit
         self._unacked: list[tuple[bytes, int, list[str]]] = []  # submits in this batch
@@ -75,7 +78,7 @@ class Broker(ClientSide, WorkerSide):
         self._draining_since: float | None = None  # monotonic time of the first SIGTERM
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
-                                P.GetStats: self.on_stats}
+                                P.GetStats: self.on_stats, P.GetGpu: self.on_gpu}
         live, was_running, refused = self.table.recover(self.catalog.default())
         for task in refused:
             self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
@@ -226,6 +229,7 @@ class Broker(ClientSide, WorkerSide):
             self._malformed("telemetry", type(exc).__name__)
             return
         self.gpu_state = "cpu_only" if t.cpu_only else "gpu"
+        self.last_telemetry = t
         self.pool.telemetry(t)
 
     # ------------------------------------------------------------- timers

@@ -111,13 +111,13 @@ class TaskTable:
         return self.max_size - self.queued
 
     def add(self, spec: P.TaskSpec, model: str, tenant: str, now: float, task_id: str | None = None,
-            idem: str | None = None) -> Task:
+            idem: str | None = None, pin: str | None = None) -> Task:
         """Queue a new task for `model` (the default already applied) and journal it (the
         caller checked room)."""
         seq = self.next_seq
         self.next_seq += 1
         rec = P.TaskRecord(task_id=task_id or self.ids.next(), state="queued", type=spec.type,
-                           priority=spec.priority, created_at=now, tenant=tenant, model=model)
+                           priority=spec.priority, created_at=now, tenant=tenant, model=model, pin=pin)
         task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem))
         self._enqueue(task, now)
         self.journal.write(seq, rec, spec, idem)

@@ -145,7 +145,9 @@ class WorkerSide:
                 task = self.table.next_queued(model, now, -1 if low_ok else URGENT)
                 if task is None:
                     break
-                worker = self.pool.choose(workers, task.level, conversation_key(task.spec, task.record.tenant),
+                pin = task.record.pin
+                worker = self.pool.choose(workers if pin is None else [w for w in workers if w.name == pin],
+                                          task.level, conversation_key(task.spec, task.record.tenant),
                                           task.lost_on or NO_ONE)
                 if worker is None:  # the queue and the pool disagree: never lose the task
                     self.table.put_back(task)

@@ -7,6 +7,7 @@ loop; everything about llama.cpp lives here, in client.py and in tasks.py.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Callable
 from .. import instances
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
+from ..gpu.gguf_meta import ModelMetaError, read_meta
 from ..worker import Unhealthy, WorkerLoop
 from .client import LlamaClient
 from .provenance import quantization_of, sha256_of
@@ -36,6 +38,36 @@ def count_start(s: Settings, name: str) -> int:
         starts = 1
     path.write_text(str(starts))
     return starts
+
+
+def engine_report(inst: instances.Instance) -> dict:
+    """How many layers llama.cpp offloads, as far as llama.cpp itself tells (it logs the
+    count only at verbosity 4): the embedded build lists its backends, and one with no
+    GPU device offloads nothing whatever gpu_layers says."""
+    try:
+        total = read_meta(inst.model_path).n_layer + 1  # the blocks and the output layer
+    except ModelMetaError:
+        total = None
+    if inst.engine == "external":
+        return {"layers_total": total, "layers_offloaded": None,
+                "layers_source": "unknown: an external llama-server logs it only at verbosity 4 (-lv 4)"}
+    import xllamacpp
+
+    devices = [d["name"] for d in xllamacpp.get_device_info()
+               if d["type"] != xllamacpp.ggml_backend_dev_type.GGML_BACKEND_DEVICE_TYPE_CPU]
+    if not devices:
+        return {"layers_total": total, "layers_offloaded": 0,
+                "layers_source": "llama.cpp: this build has no GPU device"}
+    return {"layers_total": total, "layers_offloaded": min(inst.gpu_layers, total or inst.gpu_layers),
+            "layers_source": f"gpu_layers, on llama.cpp devices {', '.join(devices)}"}
+
+
+def write_engine_report(s: Settings, inst: instances.Instance) -> None:
+    """RUN_DIR/NAME.engine.json, read by GET /v1/gpu/status."""
+    try:
+        (Path(s.run_dir) / f"{inst.name}.engine.json").write_text(json.dumps(engine_report(inst)))
+    except OSError as exc:
+        log.warning("%s: engine report not written: %s", inst.name, exc.strerror)
 
 
 class LlamaHandler:
@@ -69,6 +101,7 @@ class LlamaHandler:
                                        quantization=quantization_of(path), instance=inst.name)
         t1 = time.monotonic()
         self.server = start_server(self.s, inst, api_key=new_api_key(self.s, inst.name))
+        write_engine_report(self.s, inst)
         self.endpoint = self.server.base_url
         self.client = LlamaClient(self.server.base_url, self.server.api_key)
         log.info("%s: llama.cpp healthy at %s in %.2fs (model %s, %s, sha256 %s... in %.2fs; %d slots, %d "
