@@ -98,6 +98,7 @@ class EmbeddedServer(_Base):
         p.endpoint_metrics = True
         p.model_alias = {inst.alias}
         p.warmup = False
+        p.cache_ram_mib = s.llama_cache_ram_mib
         if api_key:
             p.api_keys = [api_key]
         try:
@@ -131,6 +132,7 @@ class ExternalServer(_Base):
             inst.server_bin, "--model", inst.model_path, "--host", s.llama_host, "--port", str(port),
             "--ctx-size", str(inst.ctx), "--parallel", str(inst.slots), "--threads", str(inst.threads),
             "--n-gpu-layers", str(inst.gpu_layers), "--alias", inst.alias, "--slots", "--metrics",
+            "--cache-ram", str(s.llama_cache_ram_mib),
             *(["--embeddings", "--pooling", "mean"] if inst.embeddings else []), *inst.extra_args,
         ]
         # Pinned to its GPU; a CPU-only instance sees none (a CUDA build still took 648 MiB

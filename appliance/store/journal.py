@@ -126,6 +126,7 @@ class SqliteJournal:
         self.outage = Outage()
         self._inserts: list[tuple] = []          # new tasks: dropped when their commit fails
         self._updates: dict[str, tuple] = {}     # task id -> its latest state: kept until written
+        self._expired_upto = 0.0                 # results finished before this are expired already
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -280,11 +281,16 @@ class SqliteJournal:
         While the journal cannot be written a failure is counted and raised once (the
         broker logs it), then counted only: the broker calls this every second."""
         db = self._db
+        # By finished_at's index, from where the last call got to: `final=1` alone made
+        # SQLite walk every finished row twice a second (23 ms at 56,000 rows, growing).
+        # `+final` keeps it off the (final, seq) index.
         try:
-            cur = db.execute("UPDATE tasks SET result=NULL, result_expired=1"
-                             " WHERE final=1 AND result_expired=0 AND finished_at < ?", (results_before,))
+            cur = db.execute("UPDATE tasks SET result=NULL, result_expired=1 WHERE finished_at >= ?"
+                             " AND finished_at < ? AND +final=1 AND result_expired=0",
+                             (self._expired_upto, results_before))
             purged = cur.rowcount
-            cur = db.execute("DELETE FROM tasks WHERE final=1 AND finished_at < ?", (records_before,))
+            self._expired_upto = max(self._expired_upto, results_before)
+            cur = db.execute("DELETE FROM tasks WHERE finished_at < ? AND +final=1", (records_before,))
             return purged, cur.rowcount
         except sqlite3.Error as exc:
             self._rollback()

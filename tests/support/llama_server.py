@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--embeddings", action="store_true")
     ap.add_argument("--pooling", default="mean")
+    ap.add_argument("--cache-ram", type=int, default=8192)
     # llama-server's own names, for the memory planner's checks (tests/test_planner.py)
     ap.add_argument("-lv", "--verbosity", "--log-verbosity", type=int, default=None)  # 4: buffer sizes
     ap.add_argument("-ctk", "--cache-type-k", default="f16")
@@ -54,6 +55,7 @@ def main() -> None:
     p.endpoint_metrics = a.metrics
     p.model_alias = {a.alias}
     p.warmup = False
+    p.cache_ram_mib = a.cache_ram
     if a.verbosity is not None:
         p.verbosity = a.verbosity
     p.cache_type_k = getattr(xlc.ggml_type, "GGML_TYPE_" + a.cache_type_k.upper())
