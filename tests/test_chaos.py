@@ -116,14 +116,15 @@ class Load:
 class Stream:
     """One SSE stream read to its end in a thread: how it ended is what a client sees."""
 
-    def __init__(self, app, kind: str, model: str):
-        self.app, self.kind, self.model = app, kind, model
+    def __init__(self, app, kind: str, model: str, history: History):
+        self.app, self.kind, self.model, self.history = app, kind, model, history
         self.end: str | None = None   # "result", "done", "error:<code>", "cut:<why>"
         self.tokens = 0
         self.task_id: str | None = None
         if kind == "async":
             self.task_id = app.post("/v1/async/submit", json={"type": "complete", "prompt": "the patient",
                                                                "max_tokens": LONG_TOKENS, "model": model}).json()["task_id"]
+            history.ok(self.task_id)  # in the history like any acknowledged task
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -148,6 +149,7 @@ class Stream:
                     body = json.loads(data)
                     if self.task_id is None and "id" in body:  # chatcmpl-<task id>
                         self.task_id = body["id"].rpartition("-")[2]
+                        self.history.ok(self.task_id)
                     if "error" in body:
                         self.end = f"error:{body['error']['code']}"
                         if self.kind == "async":
@@ -226,9 +228,12 @@ class Chaos:
         pending = set(ids)
 
         def done():
-            for task_id in list(pending):
-                if self.status(task_id)["state"] in FINAL:
-                    pending.discard(task_id)
+            try:
+                for task_id in list(pending):
+                    if self.status(task_id)["state"] in FINAL:
+                        pending.discard(task_id)
+            except requests.ConnectionError:
+                return False  # the API itself is coming back (a killed master): ask again
             return not pending
         wait_until(done, SETTLE_S, 0.5, f"{len(pending)} accepted tasks of '{phase}' final")
         reruns = []
@@ -244,6 +249,8 @@ class Chaos:
         process is back (None: nothing was restarted)."""
         st = self.stats()
         self.history.phase = name
+        for s in streams:  # the streamed tasks belong to the fault they are exposed to
+            self.history.accepted[s.task_id] = name
         in_flight = st["queued"] + st["running"]
         t0 = time.monotonic()
         inject()
@@ -325,7 +332,8 @@ def probe_while_away(chaos: Chaos) -> float:
 
 # ------------------------------------------------------------------ the faults, in turn
 def test_sigkill_broker(chaos):
-    streams = [Stream(chaos.app, "async", MODELS[0]), Stream(chaos.app, "openai", MODELS[1])]
+    streams = [Stream(chaos.app, "async", MODELS[0], chaos.history),
+               Stream(chaos.app, "openai", MODELS[1], chaos.history)]
     wait_until(lambda: all(s.running() for s in streams), 30, 0.05, "streams running")
     old = chaos.pid("broker")
 
@@ -361,7 +369,7 @@ def test_sigkill_gunicorn_master(chaos):
 def test_sigkill_embedded_launcher(chaos):
     """llama-0 holds llama.cpp in its own process: the task running there is lost with it
     and runs again (attempts: 2); its stream says `task_restarted`."""
-    stream = Stream(chaos.app, "async", MODELS[0])
+    stream = Stream(chaos.app, "async", MODELS[0], chaos.history)
     wait_until(stream.running, 30, 0.05, "stream running")
     old = chaos.pid("llama:llama-0")
     row = chaos.fault("SIGKILL launcher (embedded llama.cpp)", lambda: os.kill(old, signal.SIGKILL),
@@ -376,7 +384,7 @@ def test_sigkill_embedded_launcher(chaos):
 def test_sigkill_external_llama_server(chaos):
     """llama-1's llama.cpp is a process of its own: killed, its task fails over to a new
     run (attempts: 2) and the launcher restarts it (supervisord restarts the launcher)."""
-    stream = Stream(chaos.app, "openai", MODELS[1])
+    stream = Stream(chaos.app, "openai", MODELS[1], chaos.history)
     wait_until(stream.running, 30, 0.05, "stream running")
     launcher = chaos.pid("llama:llama-1")
     (llama,) = chaos.children(launcher)
@@ -394,7 +402,7 @@ def test_sigkill_external_llama_server(chaos):
 
 def test_sigstop_then_sigcont_launcher(chaos):
     """A launcher frozen for less than WORKER_LIVENESS_S is not dead: it keeps its tasks."""
-    stream = Stream(chaos.app, "async", MODELS[0])
+    stream = Stream(chaos.app, "async", MODELS[0], chaos.history)
     wait_until(stream.running, 30, 0.05, "stream running")
     pid = chaos.pid("llama:llama-0")
     dropped = chaos.stats()["workers_dropped"]
