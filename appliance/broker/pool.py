@@ -12,10 +12,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .. import protocol as P
-from . import routing
+from . import metrics, routing
 from .routing import URGENT
 
-AFFINITY_ENTRIES = 100_000  # conversations remembered (least recently used forgotten)
+# Conversations remembered (least recently used forgotten). An entry helps only while its
+# instance still holds the prompt (in a slot, or llama.cpp's RAM prompt cache): a few
+# dozen prompts per instance. 10,000 is generous, and bounds the broker's memory at
+# ~1.7 MiB (100,000 let it grow for most of an hour under a soak's distinct prompts).
+AFFINITY_ENTRIES = 10_000
 EWMA_WEIGHT = 0.2           # of the newest measurement of an instance's speed
 
 
@@ -114,6 +118,8 @@ class WorkerPool:
         horizon = now - self.liveness_s
         gone = [w for w in self.workers.values() if w.last_seen < horizon]
         self.dropped += len(gone)
+        if gone:
+            metrics.WORKERS_DROPPED.inc(len(gone))
         return gone
 
     # ------------------------------------------------------------ slots
