@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import security
+from . import metrics, security
 from .config import SECRET_KEYS, ConfigError, ensure_dirs, home_dir, load_settings
 
 
@@ -64,6 +64,7 @@ def cmd_up(args) -> None:
     supervisor.record_applied(s, found)
     for stale in Path(s.run_dir).glob("*.starts"):  # restart counts are per run of the appliance
         stale.unlink()
+    metrics.empty(s.run_dir)  # so are the metrics' counters (appliance/metrics)
     print("appliance: instances: " + ", ".join(f"{i.name} ({i.alias}, {i.slots} slots, "
                                                f"{f'GPU {i.gpu}' if i.gpu >= 0 else 'CPU'})" for i in found),
           flush=True)

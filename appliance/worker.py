@@ -23,6 +23,7 @@ import zmq
 
 from . import protocol as P
 from .logs import exception_summary
+from .metrics import instance as metrics
 
 log = logging.getLogger("appliance.worker")
 
@@ -123,6 +124,7 @@ class WorkerLoop:
     def serve(self) -> None:
         """Until stop(): raises Unhealthy when the handler's check keeps failing."""
         self._connect()
+        metrics.serving(self.h.name, self.h.slots)  # the handler started its engine before serving
         poller = zmq.Poller()
         poller.register(self.results, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
@@ -158,6 +160,7 @@ class WorkerLoop:
                 else:
                     self._send(P.Heartbeat())
                 failures = 0 if self.h.healthy() else failures + 1
+                metrics.up(self.h.name, not failures)
                 if not failures and self.withheld and self._stopping_since is None:
                     self._send(P.Credit(self.withheld))
                     self.withheld = 0
@@ -177,6 +180,8 @@ class WorkerLoop:
             self.sock.send(payload)
             if isinstance(msg, P.Done):
                 self.running.discard(msg.task_id)
+                metrics.busy(self.h.name, len(self.running))
+                metrics.done(self.h.name, msg)
                 if self._stopping_since is not None:
                     continue
                 # A failure may be the engine's (a crashed model server): check now, not at
@@ -204,6 +209,7 @@ class WorkerLoop:
                 continue
             if isinstance(msg, P.Dispatch):
                 self.running.add(msg.task_id)
+                metrics.busy(self.h.name, len(self.running))
                 self.pool.submit(self._run, msg.task_id, msg.spec, msg.deadline)
             elif isinstance(msg, P.Abort):
                 if msg.task_id in self.running:

@@ -13,8 +13,7 @@ monkey.patch_all()
 
 from gunicorn.app.base import BaseApplication  # noqa: E402
 
-from appliance import logs, security  # noqa: E402
-from appliance.api.app import create_app, rate_limit_file  # noqa: E402
+from appliance import logs, metrics, security  # noqa: E402
 from appliance.api.gworker import DrainingGeventWorker  # noqa: E402
 from appliance.api.ratelimit import prepare  # noqa: E402
 from appliance.config import load_settings  # noqa: E402
@@ -38,17 +37,28 @@ class ApiServer(BaseApplication):
             "accesslog": None,
             "proc_name": "appliance-api",
             "control_socket_disable": True,
+            "child_exit": child_exit,
         }.items():
             self.cfg.set(key, value)
 
     def load(self):
+        from appliance.api.app import create_app  # imports prometheus_client: after metrics.use_dir
+
         DrainingGeventWorker.settings = self.settings
         return create_app(self.settings)
+
+
+def child_exit(server, worker) -> None:
+    """gunicorn's hook, in the master: a worker's live gauges (requests in flight) go with it."""
+    metrics.mark_dead(worker.pid)
 
 
 if __name__ == "__main__":
     logs.setup("api")
     settings = load_settings()
+    metrics.use_dir(settings.run_dir)  # before anything imports prometheus_client (appliance/metrics)
+    from appliance.api.app import rate_limit_file
+
     security.log_warnings(security.check_startup(settings))  # ConfigError: refuse to serve
     prepare(rate_limit_file(settings))  # before the workers fork: one table for all of them
     ApiServer(settings).run()

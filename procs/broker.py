@@ -8,8 +8,7 @@ import logging
 import sqlite3
 import sys
 
-from appliance import logs
-from appliance.broker.server import main
+from appliance import logs, metrics
 from appliance.config import load_settings
 from appliance.store.journal import JournalError, describe
 
@@ -17,6 +16,9 @@ if __name__ == "__main__":
     logs.setup("broker")
     log = logging.getLogger("appliance.broker")
     settings = load_settings()
+    metrics.use_dir(settings.run_dir)  # before anything imports prometheus_client (appliance/metrics)
+    from appliance.broker.server import main
+
     try:
         main(settings)
     except JournalError as exc:

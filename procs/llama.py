@@ -5,11 +5,8 @@ programs are generated from that file by `appliance up` and `appliance reload`)
 """
 import sys
 
-from appliance import logs
+from appliance import logs, metrics
 from appliance.config import ConfigError, load_settings
-from appliance.llama.launcher import main
-from appliance.llama.server import ServerStartError
-from appliance.worker import Unhealthy
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "llama-0"
@@ -17,7 +14,16 @@ if __name__ == "__main__":
         name = f"llama-{name}"
     logs.setup(name)
     try:
-        main(load_settings(), name)
+        settings = load_settings()
+    except ConfigError as exc:
+        sys.exit(f"{name}: {exc.code}")
+    metrics.use_dir(settings.run_dir)  # before anything imports prometheus_client (appliance/metrics)
+    from appliance.llama.launcher import main
+    from appliance.llama.server import ServerStartError
+    from appliance.worker import Unhealthy
+
+    try:
+        main(settings, name)
     except (ServerStartError, Unhealthy) as exc:
         sys.exit(f"{name}: {exc}")
     except ConfigError as exc:

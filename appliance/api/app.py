@@ -13,7 +13,7 @@ import falcon
 from .. import protocol as P
 from ..audit import AuditLog
 from ..config import Settings
-from . import async_api, gpu_api, instances_api, lifecycle, openai_api, openapi
+from . import async_api, gpu_api, instances_api, lifecycle, metrics, metrics_api, openai_api, openapi
 from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
@@ -56,7 +56,8 @@ class Readyz:
 def create_app(settings: Settings) -> falcon.App:
     """The WSGI app. Run `security.check_startup(settings)` first: this trusts the settings."""
     limiter = RateLimiter(rate_limit_file(settings), settings.rate_limit_rules)
-    middleware: list = [Audit(AuditLog(settings.audit_log, settings.audit_key))]
+    # RequestMetrics first: its process_response runs last and sees the final status
+    middleware: list = [metrics.RequestMetrics(), Audit(AuditLog(settings.audit_log, settings.audit_key))]
     if settings.cors_origin_list:
         middleware.append(falcon.CORSMiddleware(allow_origins=settings.cors_origin_list,
                                                 expose_headers=["Retry-After", "WWW-Authenticate"]))
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> falcon.App:
     api = Api(settings)
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(api))
+    app.add_route("/metrics", metrics_api.Metrics(api))
     async_api.add_routes(app, api)
     openai_api.add_routes(app, api)
     instances_api.add_routes(app, api)

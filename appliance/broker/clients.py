@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from .. import protocol as P
+from . import metrics
 from .stats import HealthInput, health
 
 
@@ -21,6 +22,7 @@ class ClientSide:
         """The caller gave up on this submit already (and answered 503): do not run it unseen."""
         if expires_at and time.time() > expires_at:
             self.book.submits_expired += 1
+            metrics.SUBMITS_EXPIRED.inc()
             return True
         return False
 
@@ -110,7 +112,8 @@ class ClientSide:
         self._reply(identity, P.Pong(msg.req, ready, self.table.queued, self.pool.running_total(), self.gpu_state,
                                      self.pool.models(), self.catalog.models, self.draining))
 
-    def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
+    def health_now(self) -> tuple[str, str, float]:
+        """(state, reason, seconds the oldest queued task has waited): the health rule now."""
         book, table = self.book, self.table
         oldest = table.oldest_queued()
         oldest_s = time.time() - oldest.record.created_at if oldest is not None else 0.0
@@ -118,6 +121,11 @@ class ClientSide:
             queued=table.queued, workers=len(self.pool), since_progress_s=book.since_progress(),
             oldest_queued_s=oldest_s, max_size=self.s.queue_max_size, stall_s=self.s.health_stall_s,
             backlog_wait_s=self.s.health_backlog_wait_s, unserved=self._unserved_models()))
+        return state, reason, oldest_s
+
+    def on_stats(self, identity: bytes, msg: P.GetStats) -> None:
+        book, table = self.book, self.table
+        state, reason, oldest_s = self.health_now()
         p50, p95, p99 = book.dispatch_percentiles()
         self._reply(identity, P.Stats(
             req=msg.req, depth=table.depth(), queued=table.queued, running=self.pool.running_total(),

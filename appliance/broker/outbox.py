@@ -19,6 +19,8 @@ from collections import deque
 
 import zmq
 
+from . import metrics
+
 log = logging.getLogger("appliance.broker")
 
 SNDHWM = 10_000        # per client connection; deferral is the exception, not the rule
@@ -47,6 +49,7 @@ class Outbox:
             self.sock.send(payload, LAST)
         except zmq.Again:
             self.deferred += 1
+            metrics.REPLIES_DEFERRED.inc()
             self.pending[identity] = deque([payload])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
@@ -55,6 +58,7 @@ class Outbox:
 
     def _hold(self, identity: bytes, waiting: deque[bytes], payload: bytes) -> None:
         self.deferred += 1
+        metrics.REPLIES_DEFERRED.inc()
         waiting.append(payload)
         if len(waiting) > MAX_PENDING:
             waiting.popleft()
@@ -83,5 +87,6 @@ class Outbox:
 
     def _lost(self, identity: bytes, n: int, why: str) -> None:
         self.undeliverable += n
+        metrics.REPLIES_UNDELIVERABLE.inc(n)
         log.warning("%d reply(ies) to client %s not delivered: %s (%d undeliverable since start)",
                     n, identity.hex(), why, self.undeliverable)

@@ -24,6 +24,7 @@ from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
 from ..store.journal import SqliteJournal
+from . import metrics
 from ._pqueue import PriorityQueue
 from .clients import ClientSide
 from .models import ModelCatalog
@@ -75,6 +76,7 @@ class Broker(ClientSide, WorkerSide):
         self._freeing: dict[str, tuple[str, float]] = {}        # preempted task -> (model, when)
         self._next_expire = self._next_instances = self._next_heartbeat = 0.0
         self._running = True
+        self._metrics = metrics.Sync()
         self._draining_since: float | None = None  # monotonic time of the first SIGTERM
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
@@ -112,6 +114,7 @@ class Broker(ClientSide, WorkerSide):
                 self._heartbeat()
                 self._commit_and_ack()
             self.outbox.flush()
+            self._metrics(self)
         self.close()
 
     def _poll_timeout_ms(self) -> int:
@@ -184,6 +187,7 @@ class Broker(ClientSide, WorkerSide):
         dropped and counted (Stats.frames_dropped); logged at the first and every 1000th."""
         book = self.book.frames_dropped
         book[name] += 1
+        metrics.FRAMES_DROPPED.labels(name).inc()
         if book[name] % 1000 == 1:
             log.warning("%s socket: dropped a malformed message (%s); %d so far", name, what, book[name])
 
@@ -276,6 +280,7 @@ class Broker(ClientSide, WorkerSide):
         logged once per episode (this runs thousands of times a second), recovery once."""
         journal = self.table.journal
         outage, writing = journal.outage, journal.pending
+        t0 = time.perf_counter()
         try:
             self.table.commit()
         except Exception as exc:
@@ -293,8 +298,12 @@ class Broker(ClientSide, WorkerSide):
             self._acks.clear()
             self._unacked.clear()
             return
-        if writing and (ended := outage.ended()) is not None:
-            log.warning("journal writable again after %d refused submits (%.1fs)", *ended)
+        if writing:
+            metrics.COMMIT.observe(time.perf_counter() - t0)
+            if (ended := outage.ended()) is not None:
+                log.warning("journal writable again after %d refused submits (%.1fs)", *ended)
+        if self._unacked:
+            metrics.ACCEPTED.inc(sum(len(ids) for _, _, ids in self._unacked))
         for identity, payload in self._acks:
             self.outbox.send(identity, payload)
         self._acks.clear()
@@ -304,6 +313,7 @@ class Broker(ClientSide, WorkerSide):
         rec = self.table.finish(task, state, result, error)
         self.events.send_multipart([rec.task_id.encode(), P.encode(P.Final(rec))])
         self.book.finished(state)
+        metrics.finished(state, error)
         return rec
 
 

@@ -17,6 +17,7 @@ import time
 import zmq
 
 from .. import protocol as P
+from . import metrics
 from ._pqueue import QueueFull
 from .outbox import LAST, MORE
 from .pool import Worker
@@ -155,6 +156,7 @@ class WorkerSide:
                 self.table.start(task, worker.name, now)
                 self.pool.assign(worker, task.task_id, task.level)
                 self.book.dispatched(now - task.record.created_at)
+                metrics.DISPATCH.observe(max(0.0, now - task.record.created_at))
                 self._send_worker(worker.identity, P.Dispatch(task.task_id, task.spec, task.deadline))
 
     def _preempt(self) -> None:
@@ -179,6 +181,7 @@ class WorkerSide:
             self._freeing[victim.task_id] = (model, now)
             victim.record.preempted += 1
             self.book.preemptions += 1
+            metrics.PREEMPTIONS.inc()
             try:
                 self.table.requeue(victim)
             except QueueFull:

@@ -18,7 +18,7 @@ import zmq
 
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
-from . import processes, reasons
+from . import metrics, processes, reasons
 from .nvml import RecordedNvml, load_nvml
 
 log = logging.getLogger("appliance.gpumon")
@@ -157,7 +157,9 @@ def serve(settings: Settings, monitor: Monitor, stop: threading.Event) -> None:
              settings.telemetry_endpoint)
     try:
         while not stop.is_set():
-            pub.send_multipart([P.TELEMETRY_TOPIC, P.encode(monitor.sample())])
+            sample = monitor.sample()
+            pub.send_multipart([P.TELEMETRY_TOPIC, P.encode(sample)])
+            metrics.record(sample)
             stop.wait(settings.gpumon_interval_s)
     finally:
         pub.close(0)

@@ -19,6 +19,7 @@ from .. import instances
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..gpu.gguf_meta import ModelMetaError, read_meta
+from ..metrics import instance as metrics
 from ..worker import Unhealthy, WorkerLoop
 from .client import LlamaClient
 from .provenance import quantization_of, sha256_of
@@ -95,6 +96,7 @@ class LlamaHandler:
         elif not Path(inst.model_path).is_file():
             raise ServerStartError(f"{inst.name}: model {inst.model_path} does not exist")
         self.starts = count_start(self.s, inst.name)
+        metrics.started(inst.name)
         path = Path(inst.model_path)
         t0 = time.monotonic()
         self.provenance = P.Provenance(model=inst.alias, gguf_sha256=sha256_of(path, Path(self.s.data_dir)),
