@@ -275,10 +275,10 @@ class Chaos:
 def chaos(tmp_path_factory):
     home, env = chaos_home(tmp_path_factory.mktemp("chaos"))
     c = Chaos(home, env)
-    c.start()
-    c.load = Load(c.app.url, c.app.auth(), c.history).start()
-    time.sleep(1.0)
     try:
+        c.start()
+        c.load = Load(c.app.url, c.app.auth(), c.history).start()
+        time.sleep(1.0)
         yield c
     except BaseException:
         print(c.app.logs())
