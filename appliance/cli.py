@@ -1,7 +1,8 @@
 """The `appliance` command: what operators type.
 
 `init` writes .env with generated secrets, `up` runs supervisord in the foreground
-with every process (Ctrl-C stops all), `down` stops it, `status` lists the programs,
+with every process (Ctrl-C stops all), `down` stops it (draining), `status` shows what
+runs (programs, queue, instances, GPUs), `verify` runs the production checks,
 `token` mints a bearer token, `audit verify` checks the audit chain, `gpu record`
 records real NVML readings for replay (NVML_SAMPLES). The home
 directory (APPLIANCE_HOME, default: the current directory) holds supervisord.conf,
@@ -104,7 +105,28 @@ def cmd_reload(args) -> None:
 
 
 def cmd_status(args) -> None:
-    _ctl("status")
+    import json
+
+    from .ops import status
+
+    st = status.gather(load_settings())
+    print(json.dumps(st, indent=2) if args.json else status.render(st))
+    if st["problems"]:
+        sys.exit(1)
+
+
+def cmd_verify(args) -> None:
+    from .ops import verify
+
+    s = load_settings()
+    token = args.token or os.environ.get("APPLIANCE_TOKEN") or verify.default_token(s)
+    checks = verify.run(s, token)
+    print(verify.render(checks))
+    failed = [c.name for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" + (f"; failed: {', '.join(failed)}"
+                                                                         if failed else ""))
+    if failed:
+        sys.exit(1)
 
 
 def cmd_model(args) -> None:
@@ -180,7 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("down", help="stop a running appliance").set_defaults(fn=cmd_down)
     sub.add_parser("reload", help="apply an edited instances file: add, remove or restart only the instances "
                                   "that changed").set_defaults(fn=cmd_reload)
-    sub.add_parser("status", help="supervisorctl status of every program").set_defaults(fn=cmd_status)
+    st = sub.add_parser("status", help="one screen of what runs: programs, queue, instances, GPUs")
+    st.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+    st.set_defaults(fn=cmd_status)
+    v = sub.add_parser("verify", help="the production checks as real probes; exit 1 when one fails")
+    v.add_argument("--token", help="a bearer token with tasks:read, tasks:write and gpu:read (default: "
+                                   "APPLIANCE_TOKEN, else one minted from the HS256 secret in .env)")
+    v.set_defaults(fn=cmd_verify)
     sub.add_parser("config", help="print the effective settings").set_defaults(fn=cmd_config)
     i = sub.add_parser("init", help="write .env with generated secrets (mode 0600); keeps existing good ones")
     i.add_argument("--rotate", action="store_true", help="replace the secrets (invalidates every issued token)")
