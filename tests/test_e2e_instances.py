@@ -186,8 +186,9 @@ def test_a_critical_task_takes_the_reserved_slot_while_batch_work_fills_the_rest
     crit = submit(app, type="complete", model="slow", prompt="x", max_tokens=4, priority="critical")
     rec = final(app, crit, timeout=10)
     started = status(app, crit)["started_at"]
-    assert rec["state"] == "completed" and started - t0 < 0.5  # it did not wait for a batch task
-    assert sum(status(app, t)["state"] == "running" for t in batch) == 2  # the batch work went on
+    assert rec["state"] == "completed" and started - t0 < 5  # a bound against a hang, not a timing
+    # Both batch tasks still run: the critical one took the reserved slot, it did not wait for one of them.
+    assert sum(status(app, t)["state"] == "running" for t in batch) == 2
     cancel_all(app, batch)
 
 

@@ -12,6 +12,9 @@ from conftest import running_appliance, wait_until
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     with running_appliance(tmp_path_factory) as a:
+        # /readyz needs one instance; verify also wants gpumon's first reading at the broker
+        ops = a.auth(a.mint("ops", "gpu:read"))
+        wait_until(lambda: a.get("/v1/gpu/status", headers=ops).json().get("ts"), 30, 0.1, "telemetry")
         yield a
 
 

@@ -63,6 +63,8 @@ def render(st: dict) -> str:
             lines.append(f"  {w['name']:<12} {w['model']:<20} {w['running']}/{w['slots']} slots busy  {gpu}  "
                          f"starts {w['starts']}" + (f"  [{'; '.join(flags)}]" if flags else ""))
     g = st.get("gpu")
+    if g is None and st["broker"]:
+        lines.append("gpu: no telemetry from gpumon yet")
     if g is not None:
         if g["cpu_only"]:
             lines.append(f"gpu: none ({g['reason']})")
