@@ -75,11 +75,14 @@ def _download(packages: list[str], into: Path) -> None:
 
 
 def debian_tool(name: str, packages: list[str], binary: str, version_arg: str = "--version",
-                skip: set[str] = frozenset(), lib_subdirs: tuple[str, ...] = ()) -> Tool:
+                skip: set[str] = frozenset(), lib_subdirs: tuple[str, ...] = (),
+                dependencies: bool = True) -> Tool:
     """`binary` (a path inside `packages`) from Debian's packages, unpacked with
     `dpkg -x` under build/edge-tools/NAME-root with whatever libraries they need that
     this machine lacks: no install, no maintainer scripts, no service started. Cached:
-    the second call only checks a marker file."""
+    the second call only checks a marker file. dependencies=False skips the packages'
+    Depends: for a binary that needs only libc (Go) in a package whose Depends serve
+    something else (prometheus: its web UI's JavaScript)."""
     root = TOOLS / f"{name}-root"
     arch_dirs = [d for triplet in ("x86_64-linux-gnu", "aarch64-linux-gnu")
                  for d in (f"usr/lib/{triplet}", f"lib/{triplet}", *(f"usr/lib/{triplet}/{s}" for s in lib_subdirs))]
@@ -102,7 +105,7 @@ def debian_tool(name: str, packages: list[str], binary: str, version_arg: str = 
         shutil.rmtree(root, ignore_errors=True)
         debs.mkdir()
         _download(packages, debs)
-        extra = _missing_dependencies(packages, set(skip))
+        extra = _missing_dependencies(packages, set(skip)) if dependencies else []
         if extra:
             _download(extra, debs)
         for deb in sorted(debs.glob("*.deb")):
