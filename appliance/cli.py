@@ -194,7 +194,8 @@ def cmd_gpu_record(args) -> None:
     print(f"appliance: wrote {n} samples of {gpus} GPU(s) to {args.file}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and flag; parsing has no side effects (tests/test_docs.py uses it)."""
     parser = argparse.ArgumentParser(prog="appliance", description="Clinical LLM inference appliance")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run every process under supervisord (foreground; Ctrl-C stops all)").set_defaults(
@@ -235,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("tiny-model", help="write the built-in random-weight GGUF to PATH")
     m.add_argument("path")
     m.set_defaults(fn=cmd_model)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except ConfigError as exc:
