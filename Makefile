@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SRC    := pyproject.toml setup.py $(wildcard native/*.pyx)
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench loadtest clean
 
 # Secure by default at no cost: a fresh checkout gets a .env with generated secrets.
 run: $(VENV)/.installed
@@ -37,6 +37,14 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python loadtest/bench_broker.py
+
+# The operators' load test against a running appliance (README "Load test"):
+#   make loadtest URL=http://127.0.0.1:8000 TOKEN=... [USERS=20 SECONDS=60 PACE=0 REPORT=file]
+# (@: the command line holds the token; make must not echo it)
+loadtest: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[load]'
+	@$(BIN)/python loadtest/run.py --url "$(URL)" --token "$(TOKEN)" --users $(or $(USERS),20) \
+	  --seconds $(or $(SECONDS),60) --pace $(or $(PACE),0) $(if $(REPORT),--report "$(REPORT)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/*.c appliance/broker/_pqueue*.so appliance/_shm*.so
