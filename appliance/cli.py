@@ -187,8 +187,12 @@ def cmd_gpu_record(args) -> None:
     """Real NVML readings to a sample file that NVML_SAMPLES replays (appliance/gpu/record.py)."""
     from .gpu.record import RecordError, record_file
 
+    def progress(n: int, t: float) -> None:  # a long recording says how far it got (stderr: the file is the data)
+        if n == 1 or int(t) // 10 != int(t - args.interval) // 10:
+            print(f"appliance: gpu record: {n} samples, {t:.0f} of {args.seconds:g} s", file=sys.stderr, flush=True)
+
     try:
-        n, gpus = record_file(args.file, args.seconds, args.interval)
+        n, gpus = record_file(args.file, args.seconds, args.interval, progress=progress)
     except RecordError as exc:
         sys.exit(f"appliance: gpu record: {exc}")
     print(f"appliance: wrote {n} samples of {gpus} GPU(s) to {args.file}")

@@ -40,9 +40,10 @@ def sample_line(t: float, readings: list[P.GpuReading]) -> str:
 
 
 def record(nvml, out: TextIO, seconds: float, interval: float = 1.0,
-           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> int:
+           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+           progress: Callable[[int, float], None] | None = None) -> int:
     """Write one line per `interval` for `seconds` (at least one); NVML already initialised.
-    Returns the lines written."""
+    Returns the lines written. `progress(lines, seconds)` is called after each line."""
     start = clock()
     n = 0
     try:
@@ -55,6 +56,8 @@ def record(nvml, out: TextIO, seconds: float, interval: float = 1.0,
             out.write(sample_line(t, readings) + "\n")
             out.flush()  # a recording cut short keeps what it has
             n += 1
+            if progress is not None:
+                progress(n, t)
             if n * interval >= seconds:
                 return n
             sleep(max(n * interval - (clock() - start), 0.0))  # on a fixed grid: slow reads do not drift it
@@ -62,7 +65,8 @@ def record(nvml, out: TextIO, seconds: float, interval: float = 1.0,
         return n
 
 
-def record_file(path: str | Path, seconds: float, interval: float = 1.0, nvml=None) -> tuple[int, int]:
+def record_file(path: str | Path, seconds: float, interval: float = 1.0, nvml=None,
+                progress: Callable[[int, float], None] | None = None) -> tuple[int, int]:
     """Record real NVML (or `nvml`) to `path`: (samples, GPUs). RecordError says why not."""
     if not interval > 0 or not seconds >= 0:
         raise RecordError(f"--interval must be above 0 and --seconds not below ({interval=:g}, {seconds=:g})")
@@ -80,7 +84,7 @@ def record_file(path: str | Path, seconds: float, interval: float = 1.0, nvml=No
         if count == 0:
             raise RecordError("NVML reports no GPUs: nothing to record")
         with open(path, "w", encoding="utf-8") as out:
-            return record(nvml, out, seconds, interval), count
+            return record(nvml, out, seconds, interval, progress=progress), count
     except nvml.NVMLError as exc:
         raise RecordError(f"NVML failed: {exc}") from None
     except OSError as exc:
