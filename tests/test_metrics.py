@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,15 +28,20 @@ GPU = {"name": "NVIDIA H200", "uuid": "GPU-0", "memory_total_mb": 143771.0, "mem
        "throttle_reasons": ["sw_power_cap"], "processes": []}
 
 
-def non_loopback_address() -> str | None:
-    """This host's address on its default route (no packet is sent), if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))
-        except OSError:
-            return None
-        addr = s.getsockname()[0]
-    return None if addr.startswith("127.") else addr
+REMOTE = "192.0.2.77"  # TEST-NET-1: never routed, so never someone else's
+
+
+@pytest.fixture
+def remote_address():
+    """An address that is not loopback, on this host's lo for the test (as root, which the
+    suite is: test_storage_faults mounts filesystems): a caller from it is "from afar"
+    to the OPS rule, whatever network this machine has."""
+    out = subprocess.run(["ip", "addr", "add", f"{REMOTE}/32", "dev", "lo"], capture_output=True, text=True)
+    assert out.returncode == 0, f"cannot add {REMOTE} to lo (the test needs root): {out.stderr}"
+    try:
+        yield REMOTE
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{REMOTE}/32", "dev", "lo"], capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +210,9 @@ def test_no_label_carries_a_task_id_or_a_tenant(app):
     assert "/v1/async/status/{task_id}" in values and "unmatched" in values
 
 
-def test_a_remote_caller_needs_a_token(app):
+def test_a_remote_caller_needs_a_token(app, remote_address):
     """OPS_ENDPOINTS=loopback_or_token (the default): from another address, 401 without a token."""
-    addr = non_loopback_address()
-    if addr is None:
-        pytest.skip("this host has no non-loopback address to call from")
-    url = f"http://{addr}:{app.port}/metrics"
+    url = f"http://{remote_address}:{app.port}/metrics"
     r = requests.get(url, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
     r = requests.get(url, headers=app.auth(app.mint("prometheus", "gpu:read")), timeout=10)
