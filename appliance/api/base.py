@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from typing import NamedTuple
 
 import falcon
@@ -14,6 +15,7 @@ from ..config import ConfigError, Settings
 from ..grammar import SchemaError, compile_schema
 from .broker_client import BrokerClient, get_client
 from .errors import ApiError, from_validation_error, invalid_field
+from .follow import follow
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -96,6 +98,33 @@ class Api:
     def query(self, req: falcon.Request, task_id: str) -> P.TaskInfo:
         """The broker's view of a task, as this caller may see it (404 otherwise)."""
         return self.broker().query(self.task_id(task_id), *self.owner(req))
+
+    def start(self, req: falcon.Request, spec: P.TaskSpec, pin: str | None = None):
+        """Submit with an id of our own, already watched: no event can be missed.
+        (task_id, Watch); the caller follows the watch, which closes it."""
+        task_id = uuid.uuid4().hex
+        req.context.audit_ids = [task_id]
+        watch = self.broker().watch(task_id)
+        try:
+            self.broker().submit(spec, req.context.principal.tenant, task_id=task_id, pin=pin)
+        except BaseException:
+            watch.close()
+            raise
+        return task_id, watch
+
+    def wait(self, req: falcon.Request, task_id: str, watch, deadline: float, what: str = "the task") -> P.TaskRecord:
+        """The task's final record: 503 if following it was interrupted (it goes on),
+        504 (and the task cancelled) past `deadline`."""
+        owner = self.owner(req)
+        for kind, value in follow(self, task_id, deadline, owner, watch, text=False):
+            if kind == "final":
+                return value
+            if kind == "interrupted":
+                raise ApiError(503, value.code, value.message, {"task_id": task_id}, headers={"Retry-After": "1"})
+            if kind == "timeout":
+                self.broker().cancel(task_id, *owner)
+                raise ApiError(504, "timeout", f"{what} did not finish in time", {"task_id": task_id})
+        raise AssertionError("follow() always ends with final, interrupted or timeout")
 
     @staticmethod
     def task_id(raw: str) -> str:

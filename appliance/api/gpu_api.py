@@ -27,7 +27,6 @@ from ..gpu.gguf_meta import ModelMetaError, read_meta
 from ..ops import supervisor
 from .base import Api, json_response
 from .errors import ApiError, invalid_field
-from .follow import follow
 
 READ = {"GET": "gpu:read"}
 SLOT_CHOICES = (1, 2, 4, 8, 16)
@@ -278,24 +277,9 @@ class BenchmarkModel:
         # A fresh prefix every time: llama.cpp must evaluate the whole prompt, not reuse its cache.
         spec = P.CompleteTask(prompt=f"[{secrets.token_hex(4)}] {BENCH_PROMPT}", max_tokens=body.max_tokens,
                               temperature=0.0, seed=0, priority="batch", model=inst.alias, timeout_s=120.0)
-        client, owner = self.g.api.broker(), self.g.api.owner(req)
-        task_id = secrets.token_hex(16)
-        watch = client.watch(task_id)
-        try:
-            client.submit(spec, owner.tenant, task_id=task_id, pin=inst.name)
-        except BaseException:
-            watch.close()
-            raise
         t0 = time.monotonic()
-        for kind, value in follow(self.g.api, task_id, time.time() + spec.timeout_s + 5, owner, watch, text=False):
-            if kind == "interrupted":
-                raise ApiError(503, value.code, value.message, {"task_id": task_id}, headers={"Retry-After": "5"})
-            if kind == "timeout":
-                client.cancel(task_id, *owner)
-                raise ApiError(504, "timeout", "the benchmark did not finish in time", {"task_id": task_id})
-            if kind == "final":
-                rec = value
-                break
+        task_id, watch = self.g.api.start(req, spec, pin=inst.name)
+        rec = self.g.api.wait(req, task_id, watch, time.time() + spec.timeout_s + 5, "the benchmark")
         if rec.state != "completed" or rec.result is None or rec.result.timings is None:
             err = rec.error or P.TaskError(rec.state, rec.state)
             raise ApiError(502, "benchmark_failed", err.message, {"task_id": task_id, "reason": err.code})

@@ -14,7 +14,6 @@ import base64
 import struct
 import threading
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 import falcon
@@ -156,33 +155,15 @@ class OpenAI:
         return {"priority": self.priority(req), "timeout_s": min(DEFAULT_TIMEOUT_S, self.api.s.task_timeout_max_s)}
 
     def start(self, req: falcon.Request, spec: P.TaskSpec):
-        """Submit with an id of our own, already watched: no event can be missed."""
         self.api.check_spec(spec)
-        task_id = uuid.uuid4().hex
-        req.context.audit_ids = [task_id]
-        watch = self.api.broker().watch(task_id)
-        try:
-            self.api.broker().submit(spec, req.context.principal.tenant, task_id=task_id)
-        except BaseException:
-            watch.close()
-            raise
-        return task_id, watch
+        return self.api.start(req, spec)
 
     def deadline(self, spec: P.TaskSpec) -> float:
         return time.time() + spec.timeout_s + 5
 
     def wait(self, req: falcon.Request, spec: P.TaskSpec) -> P.TaskRecord:
         task_id, watch = self.start(req, spec)
-        owner = self.api.owner(req)
-        for kind, value in follow(self.api, task_id, self.deadline(spec), owner, watch, text=False):
-            if kind == "final":
-                return self.check_final(value)
-            if kind == "interrupted":
-                raise ApiError(503, value.code, value.message, {"task_id": task_id}, headers={"Retry-After": "1"})
-            if kind == "timeout":
-                self.api.broker().cancel(task_id, *owner)
-                raise ApiError(504, "timeout", "the task did not finish in time")
-        raise AssertionError("unreachable")
+        return self.check_final(self.api.wait(req, task_id, watch, self.deadline(spec)))
 
     @staticmethod
     def check_final(rec: P.TaskRecord) -> P.TaskRecord:
