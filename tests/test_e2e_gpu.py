@@ -36,6 +36,10 @@ def app(tmp_path_factory):
     with running_appliance(tmp_path_factory, INSTANCES_FILE=str(instances), NVML_SAMPLES=str(samples)) as a:
         wait_until(lambda: len(a.get("/v1/async/stats").json()["workers"]) == 2, 60, 0.2, "both instances")
         a.reader = a.mint("ops", "gpu:read")
+        # the broker hears gpumon's first reading up to a publish period after both
+        # instances are up (a SUB socket joins late): until then the status says "none"
+        wait_until(lambda: a.get("/v1/gpu/status", headers=a.auth(a.reader)).json()["source"] == "samples",
+                   20, 0.2, "the first NVML reading at the broker")
         a.admin = a.mint("root", "admin", "gpu:read")
         a.instances_file = instances
         yield a
