@@ -11,9 +11,10 @@ SRC    := pyproject.toml setup.py $(wildcard native/*.pyx)
 .PHONY: run test install bench loadtest clean
 
 # Secure by default at no cost: a fresh checkout gets a .env with generated secrets.
+# RAG_SAMPLE: 200 ICD-10-CM codes are indexed at first start, so search answers at once.
 run: $(VENV)/.installed
 	@test -f "$${APPLIANCE_HOME:-.}/.env" || $(BIN)/appliance init
-	$(BIN)/appliance up
+	RAG_SAMPLE=$${RAG_SAMPLE-icd10cm} $(BIN)/appliance up
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

@@ -4,7 +4,8 @@
 with every process (Ctrl-C stops all), `down` stops it (draining), `status` shows what
 runs (programs, queue, instances, GPUs), `verify` runs the production checks,
 `token` mints a bearer token, `audit verify` checks the audit chain, `gpu record`
-records real NVML readings for replay (NVML_SAMPLES). The home
+records real NVML readings for replay (NVML_SAMPLES), `rag load-icd10cm` indexes the
+ICD-10-CM code set. The home
 directory (APPLIANCE_HOME, default: the current directory) holds supervisord.conf,
 .env, and var/.
 """
@@ -198,6 +199,25 @@ def cmd_gpu_record(args) -> None:
     print(f"appliance: wrote {n} samples of {gpus} GPU(s) to {args.file}")
 
 
+def cmd_rag_load_icd10cm(args) -> None:
+    """ICD-10-CM as site-wide documents, through the broker (appliance/ops/rag_load.py)."""
+    import json
+
+    from .broker_client import BrokerRefused, BrokerUnavailable
+    from .ops.rag_load import load_icd10cm
+
+    try:
+        summary = load_icd10cm(load_settings(), args.chapter, args.limit, not args.no_wait,
+                               lambda line: print(f"appliance: rag: {line}", file=sys.stderr, flush=True))
+    except BrokerUnavailable:
+        sys.exit("appliance: rag: the broker does not answer; is the appliance up (`appliance status`)?")
+    except BrokerRefused as exc:
+        sys.exit(f"appliance: rag: refused: {exc}")
+    print(json.dumps(summary))
+    if summary["failed"]:
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand and flag; parsing has no side effects (tests/test_docs.py uses it)."""
     parser = argparse.ArgumentParser(prog="appliance", description="Clinical LLM inference appliance")
@@ -237,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
     r.add_argument("file", help="the sample file to write (JSON lines)")
     r.set_defaults(fn=cmd_gpu_record)
+    rg = sub.add_parser("rag", help="retrieval tools")
+    rsub = rg.add_subparsers(dest="rag_command", required=True)
+    ld = rsub.add_parser("load-icd10cm", help="index ICD-10-CM codes (shipped in simple-icd-10-cm) as site-wide "
+                                              "documents, through the running appliance's broker")
+    ld.add_argument("--chapter", action="append", help="only this chapter (repeatable; default: all)")
+    ld.add_argument("--limit", type=int, help="at most this many codes")
+    ld.add_argument("--no-wait", action="store_true", help="return once submitted, not once indexed")
+    ld.set_defaults(fn=cmd_rag_load_icd10cm)
     m = sub.add_parser("tiny-model", help="write the built-in random-weight GGUF to PATH")
     m.add_argument("path")
     m.set_defaults(fn=cmd_model)

@@ -118,6 +118,17 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     gpu_cuda_context_mb: Annotated[float, Meta(ge=0)] = 650.0       # per process, in memory forecasts
     gpu_plan_headroom_pct: Annotated[float, Meta(ge=0, lt=100)] = 10.0  # GPU memory plans keep free
 
+    # retrieval (README "Retrieval"; appliance/rag/)
+    rag_embedder: str = "minilm"  # or llama:MODEL_ID (a configured model with embeddings, via the broker)
+    rag_slots: Annotated[int, Meta(ge=2, le=64)] = 8       # RAG tasks at once (an answer waits on its model)
+    rag_reserved: Annotated[int, Meta(ge=1, le=63)] = 2    # of those, kept for critical and high work (search)
+    rag_threads: Annotated[int, Meta(ge=1, le=64)] = 1     # onnxruntime threads per embedding call
+    rag_chunk_tokens: Annotated[int, Meta(ge=16, le=512)] = 200
+    rag_chunk_overlap: Annotated[int, Meta(ge=0, le=256)] = 40
+    rag_max_doc_chars: Annotated[int, Meta(ge=1)] = 1_000_000
+    rag_compact_pct: Annotated[float, Meta(gt=0, le=100)] = 20.0  # deleted share of the index that rebuilds it
+    rag_sample: Literal["", "icd10cm"] = ""  # a sample to index at first start (`make run`: icd10cm)
+
     gpumon_interval_s: Annotated[float, Meta(gt=0)] = 2.0
     nvml_samples: str = ""
 
@@ -239,6 +250,12 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if s.thermal_resume_c > s.thermal_limit_c:
         raise ConfigError(f"THERMAL_RESUME_C ({s.thermal_resume_c:g}) must not be above THERMAL_LIMIT_C "
                           f"({s.thermal_limit_c:g}): a GPU would never be let back in")
+    if s.rag_reserved >= s.rag_slots:
+        raise ConfigError(f"RAG_RESERVED ({s.rag_reserved}) must be below RAG_SLOTS ({s.rag_slots}): "
+                          "documents could never be indexed")
+    if s.rag_chunk_overlap >= s.rag_chunk_tokens:
+        raise ConfigError(f"RAG_CHUNK_OVERLAP ({s.rag_chunk_overlap}) must be below RAG_CHUNK_TOKENS "
+                          f"({s.rag_chunk_tokens})")
     var = home / "var"
     s.data_dir = s.data_dir or str(var / "data")
     s.run_dir = s.run_dir or str(var / "run")

@@ -11,6 +11,7 @@ is one schema and no copy.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -39,7 +40,7 @@ class ChatMessage(Struct, forbid_unknown_fields=True):
     content: Annotated[str, Meta(max_length=1_000_000)]
 
 
-TaskType = Literal["chat", "complete", "embed", "extract"]
+TaskType = Literal["chat", "complete", "embed", "extract", "rag_answer", "rag_ingest", "rag_search", "rag_docs"]
 Text = Annotated[str, Meta(max_length=1_000_000)]
 Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=1000)]
 
@@ -102,7 +103,80 @@ class ExtractTask(_Generation, tag="extract", kw_only=True):
     json_schema: Annotated[dict[str, Any], Meta(min_length=1)]
 
 
-TaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask]
+# ------------------------------------------------------------- RAG payloads
+
+RAG_SERVICE = "rag"  # the service the RAG worker serves: not a model (never in /v1/models)
+SearchMode = Literal["vector", "keyword", "hybrid"]
+FilterValue = Union[str, int, float, bool]
+# {"field": value} or {"field": {"in": [values]}}: equality on a document's metadata
+Filter = Annotated[dict[Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")],
+                        Union[FilterValue, dict[Literal["in"], Annotated[list[FilterValue], Meta(max_length=100)]]]],
+                   Meta(max_length=16, description=(
+                       'metadata equality filters: {"field": value} or {"field": {"in": [values]}}'))]
+K = Annotated[int, Meta(ge=1, le=50, description="chunks to return")]
+
+
+class RagAnswerTask(_Generation, tag="rag_answer", kw_only=True):
+    """Retrieve from the caller's documents, then answer from the numbered sources.
+
+    `model` is the model that writes the answer. The result's `data` holds the cited
+    chunks (ids, titles, offsets): only sources that were retrieved can be cited."""
+
+    question: Text
+    k: K = 5
+    filter: Filter | None = None
+    mode: SearchMode = "hybrid"
+
+
+class _RagOp(_Task, kw_only=True):
+    """Internal task types: made by the API's /v1/rag resources (the async submit
+    refuses them), run by the RAG worker. The tenant comes from the broker's record
+    (Dispatch.tenant), never from the spec."""
+
+
+class RagIngestTask(_RagOp, tag="rag_ingest", kw_only=True):
+    document_id: str
+    title: Annotated[str, Meta(min_length=1, max_length=500)]
+    text: Annotated[str, Meta(min_length=1)]  # bounded by RAG_MAX_DOC_CHARS (API and broker)
+    metadata: dict[str, Any] = {}
+    shared: bool = False  # site-wide: every tenant sees it (admin callers only, checked by the API)
+
+
+class RagSearchTask(_RagOp, tag="rag_search", kw_only=True):
+    query: Text
+    k: K = 5
+    filter: Filter | None = None
+    mode: SearchMode = "hybrid"
+
+
+class RagDocsTask(_RagOp, tag="rag_docs", kw_only=True):
+    op: Literal["list", "get", "delete"]
+    document_id: str | None = None
+    limit: int = 100
+    offset: int = 0
+    admin: bool = False  # the caller is an admin: may delete site-wide documents
+
+
+# What clients may submit (POST /v1/async/submit); the wire carries the internal ones too.
+ClientTaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask, RagAnswerTask]
+TaskSpec = Union[ChatTask, CompleteTask, EmbedTask, ExtractTask, RagAnswerTask, RagIngestTask, RagSearchTask,
+                 RagDocsTask]
+RAG_TYPES = frozenset({"rag_answer", "rag_ingest", "rag_search", "rag_docs"})
+
+
+def document_id(tenant: str, text: str) -> str:
+    """A document's id, from its tenant and its text: the same text sent twice by the
+    same tenant is the same document, so ingestion is idempotent."""
+    content = hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(f"{tenant}\0{content}".encode()).hexdigest()[:32]
+
+
+def service_of(spec: TaskSpec, default_model: str) -> str:
+    """The queue a task waits in: the RAG worker's for RAG work (a rag_answer's `model`
+    is the model it asks for the answer, later), else its model's."""
+    if spec.type in RAG_TYPES:
+        return RAG_SERVICE
+    return spec.model or default_model
 
 
 DEFAULT_TIMEOUT_S = 60.0  # a task's timeout when it names none (at most TASK_TIMEOUT_MAX_S)
@@ -110,12 +184,19 @@ DEFAULT_MAX_TOKENS = 128  # a generation's max_tokens when it names none (at mos
 
 
 def _texts(spec: TaskSpec) -> tuple[str, list[str]]:
-    """The field name pattern and every text a task carries."""
+    """The field name pattern and every text a task carries (a document to index has
+    its own bound, RAG_MAX_DOC_CHARS)."""
     if isinstance(spec, EmbedTask):
         return "texts[{}]", spec.texts
     if isinstance(spec, CompleteTask):
         return "prompt", [spec.prompt]
-    return "messages[{}].content", [m.content for m in spec.messages]
+    if isinstance(spec, RagAnswerTask):
+        return "question", [spec.question]
+    if isinstance(spec, RagSearchTask):
+        return "query", [spec.query]
+    if isinstance(spec, (ChatTask, ExtractTask)):
+        return "messages[{}].content", [m.content for m in spec.messages]
+    return "", []
 
 
 def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_chars: int | None = None,
@@ -127,7 +208,7 @@ def check_bounds(spec: TaskSpec, timeout_max_s: float | None = None, max_prompt_
     the whole request."""
     if timeout_max_s is not None and spec.timeout_s is not None and spec.timeout_s > timeout_max_s:
         return "timeout_s", f"at most {timeout_max_s:g} seconds (TASK_TIMEOUT_MAX_S)"
-    if (max_tokens is not None and not isinstance(spec, EmbedTask) and spec.max_tokens is not None
+    if (max_tokens is not None and isinstance(spec, _Generation) and spec.max_tokens is not None
             and spec.max_tokens > max_tokens):
         return "max_tokens", f"at most {max_tokens} (MAX_TOKENS_LIMIT)"
     if max_prompt_chars is not None:
@@ -144,7 +225,7 @@ def with_defaults(spec: TaskSpec, timeout_max_s: float, max_tokens_limit: int) -
     names neither)."""
     if spec.timeout_s is None:
         spec.timeout_s = min(DEFAULT_TIMEOUT_S, timeout_max_s)
-    if not isinstance(spec, EmbedTask) and spec.max_tokens is None:
+    if isinstance(spec, _Generation) and spec.max_tokens is None:
         spec.max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
     return spec
 
@@ -342,6 +423,7 @@ class Stats(_Msg):
     journal_errors: int = 0         # failed journal writes (disk full, read-only) since the broker started
     submits_expired: int = 0        # submits read after their caller gave up (expires_at): dropped
     frames_dropped: dict[str, int] = {}  # malformed messages dropped, per socket (front, back, telemetry)
+    rag_workers: list[WorkerStats] = []  # the RAG service's workers (`workers`: the model instances)
 
 
 class GetGpu(_Msg):
@@ -375,6 +457,7 @@ class Pong(_Msg):
     models: list[str] = []      # models with a registered instance
     configured: list[str] = []  # models the instances file names (served or not)
     draining: bool = False      # the broker is shutting down: it refuses new work, finishes running tasks
+    rag_ready: bool = False     # the RAG worker is registered (`workers_ready` counts model instances only)
 
 
 class Refused(_Msg):
@@ -421,6 +504,7 @@ class Dispatch(_Msg):
     task_id: str
     spec: TaskSpec
     deadline: float
+    tenant: str = ""  # whose task: the RAG worker searches that tenant's documents only
 
 
 class Done(_Msg):

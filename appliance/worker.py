@@ -4,8 +4,8 @@ The rest is the broker's worker protocol (docs/PROTOCOL.md): Ready with the serv
 served and the tasks still running, Credit for free slots, heartbeats both ways,
 reconnect when the broker goes silent or asks for it, Tokens coalesced about every
 TOKEN_FLUSH_S before the task's Done, Abort handed to the handler. A llama launcher
-plugs in a handler that talks to its llama.cpp server; the RAG worker will plug in
-one that embeds and searches.
+plugs in a handler that talks to its llama.cpp server; the RAG worker plugs in one
+that embeds and searches (appliance/rag/handler.py).
 
 Threads: the ZeroMQ socket to the broker belongs to the loop's thread alone. Each
 task runs on a pool thread; its Tokens and Done come back to the loop over an inproc
@@ -47,8 +47,9 @@ class Handler(Protocol):
     starts: int         # times it has started since the appliance came up
     endpoint: str       # where its engine listens, for operators
 
-    def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None]) -> P.Done:
-        """Run one task to its end; every failure is a Done with an error, never an exception."""
+    def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None],
+            tenant: str = "") -> P.Done:
+        """Run one task of `tenant` to its end; every failure is a Done with an error, never an exception."""
 
     def abort(self, task_id: str, reason: str) -> None:
         """Stop a running task now (from the loop's thread); its run() then returns."""
@@ -210,7 +211,7 @@ class WorkerLoop:
             if isinstance(msg, P.Dispatch):
                 self.running.add(msg.task_id)
                 metrics.busy(self.h.name, len(self.running))
-                self.pool.submit(self._run, msg.task_id, msg.spec, msg.deadline)
+                self.pool.submit(self._run, msg.task_id, msg.spec, msg.deadline, msg.tenant)
             elif isinstance(msg, P.Abort):
                 if msg.task_id in self.running:
                     self.h.abort(msg.task_id, msg.reason)
@@ -231,7 +232,7 @@ class WorkerLoop:
             push.connect(self.results_addr)
         return push
 
-    def _run(self, task_id: str, spec: P.TaskSpec, deadline: float) -> None:
+    def _run(self, task_id: str, spec: P.TaskSpec, deadline: float, tenant: str) -> None:
         push = self._push_sock()
         buffered: list[str] = []
         seq = 0
@@ -257,7 +258,7 @@ class WorkerLoop:
                 flush()
 
         try:
-            done = self.h.run(task_id, spec, deadline, on_text)
+            done = self.h.run(task_id, spec, deadline, on_text, tenant)
         except Exception as exc:  # never lose a task to a bug in a handler
             log.error("task %s failed unexpectedly: %s", task_id, exception_summary(exc))
             done = P.Done(task_id, error=P.TaskError("worker_error", type(exc).__name__))

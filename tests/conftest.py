@@ -104,6 +104,9 @@ class Appliance:
     def post(self, path: str, **kw) -> requests.Response:
         return requests.post(self.url + path, timeout=10, **self._headers(kw))
 
+    def request(self, method: str, path: str, **kw) -> requests.Response:
+        return requests.request(method, self.url + path, timeout=10, **self._headers(kw))
+
     def wait_ready(self, timeout: float = 90) -> None:
         """/readyz answers 200; fails at once if supervisord (the command) has exited."""
         supervisord_log = self.home / "var" / "log" / "supervisord.log"

@@ -223,6 +223,9 @@ def fuzzed(tmp_path_factory):
         yield app
 
 
+FUZZ_SCOPES = ("tasks:read", "tasks:write", "gpu:read", "rag:read", "rag:write")
+
+
 def test_fuzz_every_check_passes_and_links_reach_real_tasks(fuzzed, tmp_path):
     """schemathesis over every operation of the served document with every check: no
     server error, every response as documented, schema-valid requests accepted and
@@ -233,13 +236,13 @@ def test_fuzz_every_check_passes_and_links_reach_real_tasks(fuzzed, tmp_path):
     out = subprocess.run(
         [str(BIN / "schemathesis"), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
          fuzzed.url + "/openapi.json", "--max-examples", "25", "--seed", seed,
-         "-H", f"Authorization: Bearer {fuzzed.mint('fuzzer', 'tasks:read', 'tasks:write', 'gpu:read')}",
+         "-H", f"Authorization: Bearer {fuzzed.mint('fuzzer', *FUZZ_SCOPES)}",
          "--checks", "all", "--no-color"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path)
     # the report without its (long) reproduction commands, each line cut short
     report = "\n".join(line[:300] for line in out.stdout.splitlines() if not line.startswith("    curl "))
     assert out.returncode == 0, report[-12000:] + out.stderr[-2000:]
-    assert " passed" in report and "Tested: 21" in report, report[-3000:]
+    assert " passed" in report and "Tested: 26" in report, report[-3000:]
     links = re.search(r"API Links:\s+(\d+) covered", report)
     assert links and int(links.group(1)) >= 4, report[-3000:]  # at least submit -> each id operation
     assert "{task_id}" not in report.partition("Missing test data")[2], report[-3000:]  # ids came from links

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings as hsettings
 from hypothesis import strategies as st
 
 from appliance import protocol as P
-from appliance.api.broker_client import BrokerClient
+from appliance.broker_client import BrokerClient
 from appliance.config import ensure_dirs, load_settings
 from appliance.worker import WorkerLoop
 from test_broker import SPEC, Peer, Running, query, stats, submit
@@ -108,7 +108,7 @@ class EchoHandler:
 
     name, model, slots, reserved, gpu, starts, endpoint = "w-fuzz", "m", 1, 0, -1, 1, "none"
 
-    def run(self, task_id, spec, deadline, on_text):
+    def run(self, task_id, spec, deadline, on_text, tenant=""):
         return P.Done(task_id, result=P.TaskResult(text=spec.prompt))
 
     def abort(self, task_id, reason):

@@ -13,7 +13,7 @@ import falcon
 from .. import protocol as P
 from ..audit import AuditLog
 from ..config import Settings
-from . import async_api, gpu_api, instances_api, lifecycle, metrics, metrics_api, openai_api, openapi
+from . import async_api, gpu_api, instances_api, lifecycle, metrics, metrics_api, openai_api, openapi, rag_api
 from .auth import Authenticator
 from .base import Api, json_response
 from .errors import ApiError, handle_http_error, handle_unexpected
@@ -43,12 +43,15 @@ class Readyz:
             raise ApiError(503, "shutting_down", "this API worker is shutting down", headers={"Retry-After": "5"})
         pong = self.api.broker().ping()
         body = {"broker": "ok", "workers_ready": pong.workers_ready, "queued": pong.queued,
-                "running": pong.running, "gpu": pong.gpu_state}
+                "running": pong.running, "gpu": pong.gpu_state, "rag": "ok" if pong.rag_ready else "starting"}
         if pong.draining:
             raise ApiError(503, "shutting_down", "the appliance is shutting down", body,
                            headers={"Retry-After": "5"})
         if pong.workers_ready < 1:
             raise ApiError(503, "no_instance_ready", "no model instance is registered with the broker",
+                           body, headers={"Retry-After": "1"})
+        if not pong.rag_ready:
+            raise ApiError(503, "rag_not_ready", "the RAG worker is not registered with the broker",
                            body, headers={"Retry-After": "1"})
         json_response(resp, {"status": "ready", **body})
 
@@ -74,5 +77,6 @@ def create_app(settings: Settings) -> falcon.App:
     openai_api.add_routes(app, api)
     instances_api.add_routes(app, api)
     gpu_api.add_routes(app, api)
+    rag_api.add_routes(app, api)
     app.add_route("/openapi.json", openapi.OpenApi(settings))
     return app

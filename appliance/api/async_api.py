@@ -18,7 +18,7 @@ READ = {"GET": "tasks:read"}
 
 
 class SubmitBatchBody(msgspec.Struct, forbid_unknown_fields=True):
-    tasks: Annotated[list[P.TaskSpec], Meta(min_length=1)]  # at most MAX_BATCH
+    tasks: Annotated[list[P.ClientTaskSpec], Meta(min_length=1)]  # at most MAX_BATCH
 
 
 def _links(task_id: str) -> dict:
@@ -34,8 +34,9 @@ class Submit:
         self.api = api
 
     def on_post(self, req, resp):
-        spec = self.api.read_json(req, P.TaskSpec)
+        spec = self.api.read_json(req, P.ClientTaskSpec)
         self.api.check_spec(spec)
+        self.api.check_rag_scope(req, spec)
         key = self.api.idempotency_key(req)
         tenant = req.context.principal.tenant
         accepted = self.api.broker().submit(spec, tenant, idempotency_key=key)
@@ -59,6 +60,7 @@ class SubmitBatch:
             raise invalid_field("tasks", f"a batch holds 1 to {self.api.s.max_batch} tasks, not {len(body.tasks)}")
         for i, spec in enumerate(body.tasks):
             self.api.check_spec(spec, f"tasks[{i}].")
+            self.api.check_rag_scope(req, spec)
         tenant = req.context.principal.tenant
         accepted = self.api.broker().submit_batch(body.tasks, tenant)
         req.context.audit_ids = accepted.task_ids
@@ -80,7 +82,15 @@ class Status:
             body["position"] = info.position
         if info.text_so_far is not None:
             body["text_so_far"] = info.text_so_far
+            if rec.type == "rag_ingest":  # its text is progress lines: "indexed DONE/TOTAL"
+                body["progress"] = _progress(info.text_so_far)
         json_response(resp, body)
+
+
+def _progress(lines: str) -> dict | None:
+    last = lines.rstrip("\n").rpartition("\n")[2]
+    done, _, total = last.removeprefix("indexed ").partition("/")
+    return {"chunks_done": int(done), "chunks_total": int(total)} if done.isdigit() and total.isdigit() else None
 
 
 class Result:

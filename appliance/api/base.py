@@ -13,7 +13,7 @@ from .. import protocol as P
 from .. import instances
 from ..config import ConfigError, Settings
 from ..grammar import SchemaError, compile_schema
-from .broker_client import BrokerClient, get_client
+from ..broker_client import BrokerClient, get_client
 from .errors import ApiError, from_validation_error, invalid_field
 from .follow import follow
 
@@ -43,7 +43,8 @@ class Api:
         except ConfigError as exc:
             raise ApiError(503, "instances_file_invalid", str(exc.code), headers={"Retry-After": "5"}) from None
 
-    def read_json(self, req: falcon.Request, type_):
+    def read_bytes(self, req: falcon.Request) -> bytes:
+        """The body, at most MAX_BODY_BYTES (413 beyond, before reading it all)."""
         length = req.content_length
         limit = self.s.max_body_bytes
         if length is not None and length > limit:
@@ -52,6 +53,10 @@ class Api:
         body = req.bounded_stream.read(limit + 1)
         if len(body) > limit:
             raise ApiError(413, "body_too_large", f"body exceeds the limit of {limit} bytes", {"limit": limit})
+        return body
+
+    def read_json(self, req: falcon.Request, type_):
+        body = self.read_bytes(req)
         if not body:
             raise ApiError(400, "malformed_json", "request body is empty; expected a JSON object")
         try:
@@ -82,6 +87,13 @@ class Api:
             except SchemaError as exc:
                 raise invalid_field(prefix + "json_schema", str(exc)) from None
             spec.json_schema = _map_numbers(spec.json_schema, _wire_safe)
+
+    @staticmethod
+    def check_rag_scope(req: falcon.Request, spec: P.TaskSpec) -> None:
+        """A rag_answer reads the caller's documents: it needs `rag:read` besides `tasks:write`."""
+        if isinstance(spec, P.RagAnswerTask) and not req.context.principal.allows("rag:read"):
+            raise ApiError(403, "insufficient_scope", "a rag_answer task needs the `rag:read` scope",
+                           {"required": "rag:read"})
 
     @staticmethod
     def idempotency_key(req: falcon.Request) -> str | None:

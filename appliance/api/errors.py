@@ -14,7 +14,7 @@ import falcon
 import msgspec
 
 from ..logs import exception_summary
-from .broker_client import BrokerRefused, BrokerUnavailable
+from ..broker_client import BrokerRefused, BrokerUnavailable
 
 log = logging.getLogger("appliance.api")
 

@@ -20,7 +20,7 @@ import time
 from typing import Iterator
 
 from .. import protocol as P
-from .broker_client import BrokerUnavailable
+from ..broker_client import BrokerUnavailable
 from .lifecycle import state as lifecycle
 
 QUIET_S = 0.5  # no event for this long: ask the broker directly

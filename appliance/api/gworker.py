@@ -15,7 +15,7 @@ import time
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from .broker_client import BrokerUnavailable, get_client
+from ..broker_client import BrokerUnavailable, get_client
 from .lifecycle import state
 
 log = logging.getLogger("appliance.api")

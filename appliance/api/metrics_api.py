@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .. import metrics as shared
 from .base import Api
-from .broker_client import BrokerRefused, BrokerUnavailable
+from ..broker_client import BrokerRefused, BrokerUnavailable
 from .metrics import LLAMACPP_SCRAPE_FAILURES
 from .middleware import OPS
 

@@ -14,7 +14,7 @@ from msgspec import Struct
 from .. import protocol as P
 from .. import instances
 from ..config import ConfigError, Settings
-from . import async_api, gpu_api, instances_api, openai_api
+from . import async_api, gpu_api, instances_api, openai_api, rag_api
 from .middleware import PUBLIC
 
 
@@ -145,7 +145,7 @@ class ModelList(Struct):
 _ERRORS = {
     "400": "malformed JSON",
     "404": "unknown id, route or model",
-    "409": "the task is already final (a restart: supervisord refused)",
+    "409": "the task is already final (a restart: supervisord refused); a search: the index was built by another embedder",
     "410": "the result expired",
     "401": "no token, or the token is invalid or expired (code says which)",
     "403": "the token lacks the scope this call needs (details.required)",
@@ -182,6 +182,11 @@ _GPU_QUERY = (
 )
 _GPU_SIZE = {"name": "gpu_memory_mb", "in": "query", "required": False, "description": "plan for one GPU of this "
              "size instead of the GPUs seen", "schema": {"type": "integer", "minimum": 256, "maximum": 10000000}}
+_DOC_ID = {"name": "document_id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+_PAGE = ({"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
+                                                                         "maximum": 1000}},
+         {"name": "offset", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}})
 _BY_ID = {"getTaskStatus": "status", "getTaskResult": "result", "streamTask": "stream", "cancelTask": "cancel"}
 
 
@@ -237,7 +242,7 @@ def build(settings: Settings) -> dict:
         ("/readyz", "get"): _op("readyz", "broker reachable and a model instance registered (loopback or token, "
                                 "see OPS_ENDPOINTS)", ("200", Ready), "401 503", secured=False),
         ("/v1/async/submit", "post"): _op("submitTask", "queue a task", ("202", SubmitAccepted),
-                                          "400 404 413 422 429 503", body=P.TaskSpec, params=(_IDEMPOTENCY,),
+                                          "400 404 413 422 429 503", body=P.ClientTaskSpec, params=(_IDEMPOTENCY,),
                                           links=_links("/task_id")),
         ("/v1/async/submit-batch", "post"): _op("submitBatch", "queue tasks, all or none", ("202", BatchAccepted),
                                                 "400 404 413 422 429 503", body=async_api.SubmitBatchBody,
@@ -284,6 +289,22 @@ def build(settings: Settings) -> dict:
             "benchmarkModel", "a short fixed generation on one instance at batch priority: llama.cpp's prompt and "
             "generation tokens/s (admin)", ("200", dict[str, Any]), "400 404 413 422 502 503 504",
             body=gpu_api.BenchmarkBody),
+        ("/v1/rag/documents", "post"): _op(
+            "addDocument", "index a document (rag:write): chunked, embedded and indexed by a batch-priority task "
+            "whose status shows its progress; the same text again is the same document. Also accepts a "
+            "text/plain or text/markdown upload with ?title=", ("202", rag_api.DocumentAccepted),
+            "400 403 413 422 503", body=rag_api.DocumentBody),
+        ("/v1/rag/documents", "get"): _op("listDocuments", "the documents this caller sees (rag:read)",
+                                          ("200", dict[str, Any]), "400 503 504", params=_PAGE),
+        ("/v1/rag/documents/{document_id}", "get"): _op("getDocument", "one document (rag:read)",
+                                                        ("200", dict[str, Any]), "404 503 504", params=(_DOC_ID,)),
+        ("/v1/rag/documents/{document_id}", "delete"): _op(
+            "deleteDocument", "delete a document and its chunks (rag:write; site-wide ones: admin)",
+            ("200", dict[str, Any]), "404 503 504", params=(_DOC_ID,)),
+        ("/v1/rag/search", "post"): _op(
+            "searchDocuments", "the chunks that best match a query: vector, keyword (BM25) or hybrid (both, "
+            "fused by reciprocal rank) (rag:read)", ("200", dict[str, Any]), "400 409 413 422 503 504",
+            body=rag_api.SearchBody),
     }
     all_types = [t for _, types in ops.values() for t in types]
     schemas, components = msgspec.json.schema_components(all_types, ref_template="#/components/schemas/{name}")

@@ -76,7 +76,7 @@ class ClientSide:
             return
         now = time.time()
         ids = [self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit),
-                              spec.model or self.catalog.default(), tenant, now,
+                              P.service_of(spec, self.catalog.default()), tenant, now,
                               task_id if not batch else None, idem, pin).task_id for spec in specs]
         self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
         self._unacked.append((identity, req, ids))
@@ -108,9 +108,11 @@ class ClientSide:
             self._reply_after_commit(identity, P.TaskInfo(msg.req, rec))  # like a submit's ack
 
     def on_ping(self, identity: bytes, msg: P.Ping) -> None:
-        ready = sum(1 for w in self.pool if w.slots > 0)
+        ready = sum(1 for w in self.pool if w.slots > 0 and w.model != P.RAG_SERVICE)
+        served = self.pool.models()
         self._reply(identity, P.Pong(msg.req, ready, self.table.queued, self.pool.running_total(), self.gpu_state,
-                                     self.pool.models(), self.catalog.models, self.draining))
+                                     [m for m in served if m != P.RAG_SERVICE], self.catalog.models, self.draining,
+                                     rag_ready=P.RAG_SERVICE in served))
 
     def health_now(self) -> tuple[str, str, float]:
         """(state, reason, seconds the oldest queued task has waited): the health rule now."""
@@ -129,7 +131,7 @@ class ClientSide:
         p50, p95, p99 = book.dispatch_percentiles()
         self._reply(identity, P.Stats(
             req=msg.req, depth=table.depth(), queued=table.queued, running=self.pool.running_total(),
-            max_size=self.s.queue_max_size, workers=self.pool.view(), dispatch_p50_ms=p50, dispatch_p95_ms=p95,
+            max_size=self.s.queue_max_size, workers=self.pool.view(), rag_workers=self.pool.view(rag=True), dispatch_p50_ms=p50, dispatch_p95_ms=p95,
             dispatch_p99_ms=p99, completed_per_min=float(book.per_minute()), finished=dict(book.final_states),
             oldest_queued_s=oldest_s, last_progress_s=book.since_progress(), health=state, health_reason=reason,
             replies_deferred=self.outbox.deferred, replies_undeliverable=self.outbox.undeliverable,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from .. import instances
+from .. import protocol as P
 from ..config import Settings
 
 log = logging.getLogger("appliance.broker")
@@ -40,7 +41,7 @@ class ModelCatalog:
 
     def note(self, model: str) -> None:
         """A worker serves it: it is known from now on."""
-        if model not in self.models:
+        if model not in self.models and model != P.RAG_SERVICE:
             self.models.append(model)
 
     def default(self) -> str:

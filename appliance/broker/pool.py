@@ -187,11 +187,15 @@ class WorkerPool:
         return sum(w.running for w in self.workers.values())
 
     def models(self) -> list[str]:
+        """The services served: model ids, and the RAG service when its worker is up."""
         return sorted({w.model for w in self.workers.values()})
 
-    def view(self) -> list[P.WorkerStats]:
+    def view(self, rag: bool = False) -> list[P.WorkerStats]:
+        """The model instances (or, with `rag`, the RAG workers): operators read them apart."""
         view = []
         for w in self.workers.values():
+            if (w.model == P.RAG_SERVICE) != rag:
+                continue
             gpu = self.gpus.get(w.gpu, routing.Gpu()) if w.gpu >= 0 else routing.Gpu()
             view.append(P.WorkerStats(w.name, w.model, w.endpoint, w.slots, w.running, w.credit, w.reserved, w.gpu,
                                       w.starts, gpu.throttled, w.seconds_per_token, w.stopping, gpu.reason))

@@ -148,7 +148,7 @@ def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:
     """What identifies a conversation for prefix affinity: its session id, else its
     leading messages (up to and including the first user message, which every later
     turn resends unchanged), else a completion's first 512 characters."""
-    if isinstance(spec, P.EmbedTask):
+    if not isinstance(spec, (P.ChatTask, P.CompleteTask, P.ExtractTask)):
         return None
     if spec.session_id is not None:
         return f"s\0{tenant}\0{spec.session_id}"

@@ -157,7 +157,8 @@ class WorkerSide:
                 self.pool.assign(worker, task.task_id, task.level)
                 self.book.dispatched(now - task.record.created_at)
                 metrics.DISPATCH.observe(max(0.0, now - task.record.created_at))
-                self._send_worker(worker.identity, P.Dispatch(task.task_id, task.spec, task.deadline))
+                self._send_worker(worker.identity, P.Dispatch(task.task_id, task.spec, task.deadline,
+                                                                     task.record.tenant))
 
     def _preempt(self) -> None:
         """Free a slot for critical work that has waited too long (see the module's docstring)."""

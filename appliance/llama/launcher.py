@@ -111,7 +111,8 @@ class LlamaHandler:
                  self.provenance.quantization, self.provenance.gguf_sha256[:12], t1 - t0, inst.slots,
                  inst.reserved_slots, f"GPU {inst.gpu}" if inst.gpu >= 0 else "CPU only", self.starts)
 
-    def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None]) -> P.Done:
+    def run(self, task_id: str, spec: P.TaskSpec, deadline: float, on_text: Callable[[str], None],
+            tenant: str = "") -> P.Done:
         try:
             done = run_task(self.client, self.model, task_id, spec, deadline, on_text, self.provenance)
         finally:

@@ -25,7 +25,7 @@ def gather(s: Settings) -> dict:
                            for p in infos]
     except (OSError, xmlrpc.client.Error) as exc:
         out["problems"].append(f"supervisord not reachable: {exc}")
-    from ..api.broker_client import BrokerClient, BrokerUnavailable
+    from ..broker_client import BrokerClient, BrokerUnavailable
 
     client = BrokerClient(s.broker_front, 1.0)
     try:

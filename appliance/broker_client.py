@@ -1,4 +1,4 @@
-"""The API worker's line to the broker.
+"""The line to the broker's front socket: the API's, the RAG worker's, the tools'.
 
 The API runs under gunicorn's gevent worker (procs/api.py patches the process
 before anything else is imported): one OS thread per worker, a greenlet per
@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 
-from .. import protocol as P
+from . import protocol as P
 
 try:
     from gevent import Timeout as _GreenTimeout
@@ -42,7 +42,7 @@ if GREEN:
 else:
     import zmq
 
-log = logging.getLogger("appliance.api")
+log = logging.getLogger("appliance.client")
 
 MAX_SOCKETS = 64  # calls in flight per worker; a call takes milliseconds
 

@@ -1,0 +1,209 @@
+"""The site's document library: ingest, resume, delete, search, in one process.
+
+One Library per RAG worker owns the document store (SQLite + FTS5), the vector index
+(usearch) and the embedder. Writes are serialised by one lock; searches run beside
+them. Why the order of an ingestion is what it is (crash safety, nothing lost):
+
+1. the document and all its chunks are committed (state `indexing`) before any
+   embedding: from then on the text is on disk, whatever happens to the process;
+2. chunks are embedded in batches; each batch goes into the index and is marked
+   embedded in SQLite;
+3. the document turns `ready` once no chunk is pending. The index file is saved at
+   most every SAVE_EVERY_S (saving 10k vectors costs ~30 ms: not per document).
+
+After a crash, `reconcile` compares the two stores at start: a chunk marked embedded
+that the saved index lacks is pending again and its document back to `indexing`;
+`resume()` then finishes every such document from the chunk text in SQLite, with no
+one having to ask. An ingest task that the broker runs a second time finds its
+document half done and finishes it the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import embedder as emb
+from .chunking import chunk
+from .search import Retriever, reconcile
+from .store import DocStore
+from .vectors import VectorIndex
+
+log = logging.getLogger("appliance.rag")
+
+BATCH = 16          # chunks per embedding call: large enough to amortise, small enough to stop quickly
+SAVE_EVERY_S = 5.0  # the index file is saved at most this often during ingestion (and at close)
+BACKGROUND_NICE = 10  # ingestion threads run at this OS priority: chat and search go first on the CPU
+
+
+class LibraryError(Exception):
+    """A request the library refuses; `code` is the API's stable error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Stopped(Exception):
+    """The ingestion was asked to stop (abort, deadline, shutdown); what is done is kept."""
+
+
+def lower_this_threads_priority() -> None:
+    """Linux nice values are per thread: only this ingestion thread yields the CPU."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (OSError, AttributeError):
+        pass
+
+
+def restore_this_threads_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
+    except (OSError, AttributeError):  # lowering back needs CAP_SYS_NICE: the pool thread stays nice
+        pass
+
+
+class Library:
+    def __init__(self, directory: Path, embedder: emb.Embedder, chunk_tokens: int = 200, overlap: int = 40,
+                 compact_pct: float = 20.0):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.embedder = embedder
+        self.chunk_tokens = min(chunk_tokens, embedder.max_tokens)
+        self.overlap = min(overlap, self.chunk_tokens // 2)
+        self.compact_fraction = compact_pct / 100
+        self.store = DocStore(directory / "documents.sqlite3")
+        self.vectors = VectorIndex(directory / "vectors.usearch", embedder.dim, embedder.id)
+        self.retriever = Retriever(self.store, self.vectors, embedder)
+        self.write = threading.Lock()     # one writer: store and index change together
+        self.embedding = threading.Lock()  # one ingestion embeds at a time: the CPU is shared with chat
+        self._saved = time.monotonic()
+        self._dirty = False
+        self.compactions = 0
+        self.recovered = reconcile(self.store, self.vectors)
+
+    # ------------------------------------------------------------ ingestion
+    def ingest(self, doc_id: str, tenant: str, title: str, text: str, metadata: dict[str, Any], shared: bool,
+               progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> dict:
+        """Index one document (or finish it); its summary. Idempotent by content."""
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        with self.write:
+            doc = self.store.get(doc_id)
+            if doc is None:
+                pieces = chunk(text, self.embedder.token_spans(text), self.chunk_tokens, self.overlap)
+                if not pieces:
+                    raise LibraryError("invalid_field", "text: nothing to index (only whitespace)")
+                self.store.add_document(doc_id, tenant, shared, title, sha, metadata, len(text), pieces)
+        return self.complete(doc_id, progress, should_stop)
+
+    def complete(self, doc_id: str, progress: Callable[[int, int], None] = lambda d, t: None,
+                 should_stop: Callable[[], bool] = lambda: False) -> dict:
+        """Embed what is pending of a document, then mark it ready."""
+        with self.embedding:
+            lower_this_threads_priority()
+            try:
+                return self._complete(doc_id, progress, should_stop)
+            finally:
+                restore_this_threads_priority()
+
+    def _complete(self, doc_id, progress, should_stop) -> dict:
+        doc = self.store.get(doc_id)
+        if doc is None:
+            raise LibraryError("not_found", "the document was deleted while it was being indexed")
+        pending = self.store.pending(doc_id)
+        total = doc.n_chunks
+        done = total - len(pending)
+        progress(done, total)
+        for i in range(0, len(pending), BATCH):
+            if should_stop():
+                raise Stopped(f"{done} of {total} chunks indexed")
+            batch = pending[i:i + BATCH]
+            vectors = self.embedder.embed([text for _, text in batch])
+            keys = [key for key, _ in batch]
+            with self.write:
+                if self.store.get(doc_id) is None:
+                    raise LibraryError("not_found", "the document was deleted while it was being indexed")
+                self.vectors.add(keys, vectors)
+                self.store.mark_embedded(keys)
+                self._dirty = True
+                self._save_if_due()
+            done += len(batch)
+            progress(done, total)
+        with self.write:
+            if self.store.get(doc_id) is None:
+                raise LibraryError("not_found", "the document was deleted while it was being indexed")
+            self.store.mark_ready(doc_id)
+            self._save_if_due()
+        return self.describe(self.store.get(doc_id))
+
+    def resume(self, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Finish every document left `indexing` (a crash, a stop); how many were finished."""
+        finished = 0
+        for doc_id in self.store.resumable():
+            if should_stop():
+                break
+            try:
+                self.complete(doc_id, should_stop=should_stop)
+                finished += 1
+            except (LibraryError, Stopped) as exc:
+                log.warning("document %s not resumed: %s", doc_id, exc)
+        return finished
+
+    # ------------------------------------------------------------ documents
+    def visible(self, doc_id: str | None, tenant: str):
+        doc = self.store.get(doc_id) if doc_id else None
+        if doc is None or not (doc.tenant == tenant or doc.shared):
+            raise LibraryError("not_found", "no such document")  # another tenant's: the same answer
+        return doc
+
+    def delete(self, doc_id: str, tenant: str, admin: bool) -> dict:
+        with self.write:
+            doc = self.visible(doc_id, tenant)
+            if doc.tenant != tenant and not admin:
+                raise LibraryError("forbidden", "a site-wide document is deleted by an admin")
+            keys = self.store.delete(doc_id)
+            self.vectors.remove(keys)
+            self._dirty = True
+            self._save_if_due(force=True)
+        if self.vectors.deleted_fraction >= self.compact_fraction:
+            threading.Thread(target=self._compact, name="rag-compact", daemon=True).start()
+        return {"document_id": doc_id, "deleted": True, "chunks": len(keys)}
+
+    def _compact(self) -> None:
+        """Rebuild the index without its deleted slots; searches and writes go on meanwhile."""
+        t0 = time.monotonic()
+        if self.vectors.compact():
+            self.compactions += 1
+            log.info("rag: index compacted in %.2fs (%d vectors)", time.monotonic() - t0, len(self.vectors))
+
+    def list(self, tenant: str, limit: int, offset: int) -> list[dict]:
+        return [self.describe(d) for d in self.store.list_documents(tenant, limit, offset)]
+
+    def index_stats(self) -> dict:
+        return {"chunks": len(self.vectors), "deleted_fraction": round(self.vectors.deleted_fraction, 4),
+                "embedder": self.embedder.id, "compactions": self.compactions}
+
+    @staticmethod
+    def describe(doc) -> dict:
+        return {"document_id": doc.id, "title": doc.title, "state": doc.state, "chunks": doc.n_chunks,
+                "chars": doc.chars, "metadata": doc.metadata, "shared": bool(doc.shared),
+                "sha256": doc.sha256, "created_at": doc.created_at}
+
+    # ------------------------------------------------------------ search
+    def search(self, query: str, k: int, tenant: str, filters: dict | None, mode: str):
+        return self.retriever.search(query, k, tenant, filters or {}, mode)
+
+    # ------------------------------------------------------------ persistence
+    def _save_if_due(self, force: bool = False) -> None:
+        if self._dirty and (force or time.monotonic() - self._saved >= SAVE_EVERY_S):
+            self.vectors.save()
+            self._saved = time.monotonic()
+            self._dirty = False
+
+    def close(self) -> None:
+        with self.write:
+            self._save_if_due(force=True)
