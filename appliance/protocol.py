@@ -107,10 +107,19 @@ class ExtractTask(_Generation, tag="extract", kw_only=True):
 
 RAG_SERVICE = "rag"  # the service the RAG worker serves: not a model (never in /v1/models)
 SearchMode = Literal["vector", "keyword", "hybrid"]
-FilterValue = Union[str, int, float, bool]
+# MessagePack carries 64-bit integers: a larger JSON integer is refused at the door (422)
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+FilterValue = Union[str, Int64, float, bool]
+
+
+class FilterIn(Struct, forbid_unknown_fields=True):
+    """{"in": [values]}: the field equals one of them."""
+
+    in_: Annotated[list[FilterValue], Meta(min_length=1, max_length=100)] = msgspec.field(name="in")
+
+
 # {"field": value} or {"field": {"in": [values]}}: equality on a document's metadata
-Filter = Annotated[dict[Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")],
-                        Union[FilterValue, dict[Literal["in"], Annotated[list[FilterValue], Meta(max_length=100)]]]],
+Filter = Annotated[dict[Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], Union[FilterValue, FilterIn]],
                    Meta(max_length=16, description=(
                        'metadata equality filters: {"field": value} or {"field": {"in": [values]}}'))]
 K = Annotated[int, Meta(ge=1, le=50, description="chunks to return")]

@@ -51,7 +51,7 @@ SYSTEMCTL = {"start", "stop", "restart", "reload", "status", "enable", "disable"
              "cat", "edit", "show"}
 SUPERVISORCTL = {"status", "start", "stop", "restart", "tail", "pid", "avail", "maintail", "signal", "clear",
                  "version", "help", "reread", "update", "shutdown"}
-PROGRAMS = {"broker", "api", "gpumon", "all", "llama:*"}
+PROGRAMS = {"broker", "api", "gpumon", "rag", "all", "llama:*"}
 NVIDIA_SMI_FLAGS = {"-q", "-d", "-i", "-L", "-l", "--query-gpu", "--format", "--query-compute-apps"}
 CMAKE_FLAGS = {"-S", "-B", "-G", "--build", "--target", "-j", "--config", "--install", "--parallel"}
 OPS_ROUTES = {("/metrics", "get"), ("/openapi.json", "get")}

@@ -23,7 +23,8 @@ def program_states(app) -> dict[str, str]:
 
 
 def test_supervisorctl_lists_every_program_running(appliance):
-    expected = {"api": "RUNNING", "broker": "RUNNING", "gpumon": "RUNNING", "llama:llama-0": "RUNNING"}
+    expected = {"api": "RUNNING", "broker": "RUNNING", "gpumon": "RUNNING", "llama:llama-0": "RUNNING",
+                "rag": "RUNNING"}
     # RUNNING comes once a program has stayed up for its startsecs.
     wait_until(lambda: program_states(appliance) == expected, 15, 0.2, "all programs RUNNING")
 

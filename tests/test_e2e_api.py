@@ -202,7 +202,7 @@ def test_openapi_document_is_served(appliance):
     assert {"/v1/async/submit", "/v1/chat/completions", "/v1/async/stream/{task_id}"} <= set(doc["paths"])
     submit = doc["paths"]["/v1/async/submit"]["post"]
     union = submit["requestBody"]["content"]["application/json"]["schema"]
-    assert union["discriminator"]["propertyName"] == "type" and len(union["oneOf"]) == 4
+    assert union["discriminator"]["propertyName"] == "type" and len(union["oneOf"]) == 5
     chat = doc["components"]["schemas"]["ChatTask"]
     assert "messages" in chat["required"] and chat["additionalProperties"] is False
     assert set(submit["responses"]["202"]["links"]) == {"status", "result", "stream", "cancel"}

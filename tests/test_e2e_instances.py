@@ -79,7 +79,7 @@ def app(tmp_path_factory):
                            CRITICAL_MAX_WAIT_MS="0", BROKER_TIMEOUT_S="5") as a:
         a.slow, a.nvml, a.instances = slow, nvml, instances
         wait_until(lambda: len(a.get("/v1/async/stats").json()["workers"]) == 3, 60, what="three instances")
-        wait_until(lambda: a.ctl("status").stdout.count("RUNNING") == 6, 30, what="every program RUNNING")
+        wait_until(lambda: a.ctl("status").stdout.count("RUNNING") == 7, 30, what="every program RUNNING")
         yield a
 
 

@@ -62,14 +62,16 @@ class Api:
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.ValidationError as exc:
-            if "got `float`" not in str(exc):
+            if "got `float`" not in str(exc) and "Expected `int` <= 9223372036854775807" not in str(exc):
                 raise from_validation_error(exc) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
         # JSON Schema counts 1.0 as an integer, and so does the OpenAPI document; msgspec
-        # does not. Only on this (rare) path: integral floats become ints, then decode again.
+        # does not. And a JSON integer past 64 bits is a valid `number` where a field takes
+        # either. Only on this (rare) path: integral floats become ints, integers past 64
+        # bits floats, then decode again.
         try:
-            return msgspec.convert(_map_numbers(msgspec.json.decode(body), _integral_as_int), type_)
+            return msgspec.convert(_map_numbers(msgspec.json.decode(body), _json_number), type_)
         except msgspec.ValidationError as exc:
             raise from_validation_error(exc) from None
 
@@ -156,9 +158,14 @@ def _map_numbers(value, fn):
     return value
 
 
-def _integral_as_int(x):
-    """1.0 -> 1 (a float field still accepts the int)."""
-    return int(x) if isinstance(x, float) and x.is_integer() else x
+def _json_number(x):
+    """1.0 -> 1 (a float field still accepts the int); 2**70 -> 1.18e21 (an int field
+    still refuses it, with its bound in the message)."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 2**63:
+        return int(x)
+    if isinstance(x, int) and not -(2**63) <= x < 2**63:
+        return float(x) if abs(x) < 10**308 else math.copysign(math.inf, x)
+    return x
 
 
 def _wire_safe(x):

@@ -357,7 +357,7 @@ def _configured_bounds(components: dict, s: Settings) -> None:
     except ConfigError:  # a broken instances file: the document cannot name the models
         models = []
     if models:
-        for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
+        for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask", "RagAnswerTask"):
             option = components[name]["properties"]["model"]["anyOf"][0]
             option["enum"] = models
         for name in ("ChatRequest", "CompletionRequest", "EmbeddingRequest"):
@@ -365,9 +365,10 @@ def _configured_bounds(components: dict, s: Settings) -> None:
                                                        "(GET /v1/models); another one is 404 model_not_found"}
     chars = s.max_prompt_chars
     components["SubmitBatchBody"]["properties"]["tasks"]["maxItems"] = s.max_batch
-    for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask"):
+    for name in ("ChatTask", "CompleteTask", "EmbedTask", "ExtractTask", "RagAnswerTask"):
         components[name]["properties"]["timeout_s"]["anyOf"][0]["maximum"] = s.task_timeout_max_s
     for name, field in (("ChatTask", "max_tokens"), ("CompleteTask", "max_tokens"), ("ExtractTask", "max_tokens"),
+                        ("RagAnswerTask", "max_tokens"),
                         ("ChatRequest", "max_tokens"), ("ChatRequest", "max_completion_tokens"),
                         ("CompletionRequest", "max_tokens")):
         prop = components[name]["properties"][field]
@@ -380,6 +381,9 @@ def _configured_bounds(components: dict, s: Settings) -> None:
 
     cap(components["ChatMessage"]["properties"]["content"])
     cap(components["CompleteTask"]["properties"]["prompt"])
+    cap(components["RagAnswerTask"]["properties"]["question"])
+    cap(components["SearchBody"]["properties"]["query"])
+    components["DocumentBody"]["properties"]["text"]["maxLength"] = s.rag_max_doc_chars
     cap(components["EmbedTask"]["properties"]["texts"]["items"])
     cap(components["CompletionRequest"]["properties"]["prompt"])
     cap(components["TextPart"]["properties"]["text"])

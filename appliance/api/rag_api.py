@@ -24,12 +24,12 @@ from .errors import ApiError, invalid_field
 _DOC_ID = re.compile(r"^[0-9a-f]{32}$")
 WAIT_S = 10.0  # a read, delete or search waits this long at most (it runs at high priority)
 
-MetaValue = Union[str, int, float, bool]
+MetaValue = Union[str, P.Int64, float, bool]
 
 
 class DocumentBody(msgspec.Struct, forbid_unknown_fields=True):
     title: Annotated[str, Meta(min_length=1, max_length=500)]
-    text: str  # bounded by RAG_MAX_DOC_CHARS and MAX_BODY_BYTES
+    text: Annotated[str, Meta(min_length=1)]  # bounded by RAG_MAX_DOC_CHARS and MAX_BODY_BYTES
     metadata: Annotated[dict[Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], MetaValue],
                         Meta(max_length=32)] = {}
     shared: bool = False  # site-wide: every tenant sees it (admin callers only)

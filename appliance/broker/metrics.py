@@ -92,6 +92,8 @@ class Sync:
         states = dict.fromkeys(WORKER_STATES, 0)
         slots = credit = 0
         for w in b.pool:
+            if w.model == P.RAG_SERVICE:  # model instances only: the RAG worker has its appliance_instance_* series
+                continue
             gpu = b.pool.gpus.get(w.gpu) if w.gpu >= 0 else None
             states["stopping" if w.stopping else "throttled" if gpu is not None and gpu.throttled else "ready"] += 1
             slots += w.slots

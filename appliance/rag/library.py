@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
+
 from . import embedder as emb
 from .chunking import chunk
 from .search import Retriever, reconcile
@@ -195,7 +197,8 @@ class Library:
 
     # ------------------------------------------------------------ search
     def search(self, query: str, k: int, tenant: str, filters: dict | None, mode: str):
-        return self.retriever.search(query, k, tenant, filters or {}, mode)
+        # FilterIn structs -> {"in": [...]}, the store's form
+        return self.retriever.search(query, k, tenant, msgspec.to_builtins(filters or {}), mode)
 
     # ------------------------------------------------------------ persistence
     def _save_if_due(self, force: bool = False) -> None:
