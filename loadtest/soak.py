@@ -13,8 +13,8 @@ request; half an hour of mixed traffic can. The load mixes what clients do:
                   `result` event, then fetch the result
   openai_chat     POST /v1/chat/completions
   openai_stream   POST /v1/chat/completions with "stream": true, read to `data: [DONE]`
-  rag_search      a hook for RAG search (`op_rag_search`): the appliance has no RAG
-                  endpoint yet, so its weight must stay 0 until one exists
+  rag_search      POST /v1/rag/search (the token then needs rag:read; `make run`
+                  indexes an ICD-10-CM sample, so there is something to find)
 
 The processes come from the appliance home's supervisord (`supervisorctl status`)
 and their children from /proc (gunicorn workers, an external llama-server), read
@@ -87,8 +87,8 @@ def parse_args(argv=None):
                          "token is one subject, and the default RATE_LIMITS allow it 100 tasks:write/s: "
                          "beyond that the API answers 429, which counts as an error")
     ap.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX),
-                    help=f"operations and their weights (default {DEFAULT_MIX}); rag_search is a hook "
-                         "for RAG search, which the appliance does not have yet: its weight must be 0")
+                    help=f"operations and their weights (default {DEFAULT_MIX}); rag_search=W adds RAG "
+                         "searches (the token needs rag:read)")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--model", help="the model the OpenAI calls name (default: the first of GET /v1/models)")
     ap.add_argument("--max-growth-pct", type=float, default=5.0,

@@ -17,7 +17,7 @@ from soak_ops import OPS, error_code
 
 FINAL_STATES = ("completed", "failed", "cancelled", "expired")
 # HTTP request kinds: what the counts, errors and latencies are grouped by
-KINDS = ("submit", "status", "result", "stream", "chat", "chat_stream")
+KINDS = ("submit", "status", "result", "stream", "chat", "chat_stream", "rag")
 
 
 class Stats:

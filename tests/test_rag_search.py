@@ -157,6 +157,7 @@ def test_injection_looking_queries_are_safe(parts, q):
 
 def test_deleted_document_disappears(parts):
     store, vectors, r = parts
+    assert "sepsis" in docs(r.search("sepsis lactate antibiotics", 10, "t1", mode="vector"))  # cached allow-list
     vectors.remove(store.delete("sepsis"))
     for mode in ("vector", "keyword", "hybrid"):
         assert "sepsis" not in docs(r.search("sepsis lactate antibiotics", 10, "t1", mode=mode))

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "loadtest"))
 import soak  # noqa: E402
 
-EXPECTED = {"broker", "gpumon", "api master", "api worker 1", "api worker 2", "llama-0"}
+EXPECTED = {"broker", "gpumon", "api master", "api worker 1", "api worker 2", "llama-0", "rag"}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,10 @@ def app(tmp_path_factory):
 
 def test_short_soak_is_clean(app, tmp_path):
     out = tmp_path / "soak.json"
-    token = app.mint("soak", "tasks:read", "tasks:write")
+    token = app.mint("soak", "tasks:read", "tasks:write", "rag:read")
     run = subprocess.run(
         [sys.executable, str(ROOT / "loadtest" / "soak.py"), "--url", app.url, "--home", str(app.home),
+         "--mix", soak.DEFAULT_MIX + ",rag_search=1",
          "--seconds", "20", "--warmup", "5", "--clients", "3", "--sample-every", "5",
          "--no-growth-check", "--json", str(out)],
         env={**os.environ, "APPLIANCE_TOKEN": token}, capture_output=True, text=True, timeout=150)
@@ -99,7 +100,7 @@ def test_restart_fails_whatever_the_growth():
     assert rows[0]["verdict"] == "FAIL" and "FATAL" in rows[0]["why"]
 
 
-def test_rag_search_is_a_hook_not_yet_a_load():
-    assert soak.parse_mix("async_chat=1,rag_search=0") == {"async_chat": 1.0}
-    with pytest.raises(Exception, match="no RAG search endpoint"):
-        soak.parse_mix("rag_search=1")
+def test_the_mix_names_known_operations_only():
+    assert soak.parse_mix("async_chat=1,rag_search=2") == {"async_chat": 1.0, "rag_search": 2.0}
+    with pytest.raises(Exception, match="unknown"):
+        soak.parse_mix("rag_serch=1")

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import msgspec
 
+from ..metrics import rag as metrics
 from . import embedder as emb
 from .chunking import chunk
 from .search import Retriever, reconcile
@@ -87,6 +88,7 @@ class Library:
         self._dirty = False
         self.compactions = 0
         self.recovered = reconcile(self.store, self.vectors)
+        self._publish()
 
     # ------------------------------------------------------------ ingestion
     def ingest(self, doc_id: str, tenant: str, title: str, text: str, metadata: dict[str, Any], shared: bool,
@@ -131,6 +133,7 @@ class Library:
                     raise LibraryError("not_found", "the document was deleted while it was being indexed")
                 self.vectors.add(keys, vectors)
                 self.store.mark_embedded(keys)
+                metrics.EMBEDDED.inc(len(keys))
                 self._dirty = True
                 self._save_if_due()
             done += len(batch)
@@ -140,6 +143,8 @@ class Library:
                 raise LibraryError("not_found", "the document was deleted while it was being indexed")
             self.store.mark_ready(doc_id)
             self._save_if_due()
+        metrics.DOCUMENTS.labels("indexed").inc()
+        self._publish()
         return self.describe(self.store.get(doc_id))
 
     def resume(self, should_stop: Callable[[], bool] = lambda: False) -> int:
@@ -171,6 +176,8 @@ class Library:
             self.vectors.remove(keys)
             self._dirty = True
             self._save_if_due(force=True)
+        metrics.DOCUMENTS.labels("deleted").inc()
+        self._publish()
         if self.vectors.deleted_fraction >= self.compact_fraction:
             threading.Thread(target=self._compact, name="rag-compact", daemon=True).start()
         return {"document_id": doc_id, "deleted": True, "chunks": len(keys)}
@@ -180,10 +187,15 @@ class Library:
         t0 = time.monotonic()
         if self.vectors.compact():
             self.compactions += 1
+            metrics.COMPACTIONS.inc()
+            self._publish()
             log.info("rag: index compacted in %.2fs (%d vectors)", time.monotonic() - t0, len(self.vectors))
 
     def list(self, tenant: str, limit: int, offset: int) -> list[dict]:
         return [self.describe(d) for d in self.store.list_documents(tenant, limit, offset)]
+
+    def _publish(self) -> None:
+        metrics.index(len(self.vectors), self.vectors.deleted_fraction)
 
     def index_stats(self) -> dict:
         return {"chunks": len(self.vectors), "deleted_fraction": round(self.vectors.deleted_fraction, 4),
@@ -198,7 +210,8 @@ class Library:
     # ------------------------------------------------------------ search
     def search(self, query: str, k: int, tenant: str, filters: dict | None, mode: str):
         # FilterIn structs -> {"in": [...]}, the store's form
-        return self.retriever.search(query, k, tenant, msgspec.to_builtins(filters or {}), mode)
+        with metrics.SEARCH.labels(mode).time():
+            return self.retriever.search(query, k, tenant, msgspec.to_builtins(filters or {}), mode)
 
     # ------------------------------------------------------------ persistence
     def _save_if_due(self, force: bool = False) -> None:

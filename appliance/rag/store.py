@@ -9,7 +9,7 @@ API (`DocStore(path)`; every method is safe to call from any thread):
     list_documents(tenant, limit=50, offset=0) -> list[Document]   own + shared, newest first
     delete(doc_id) -> list[int]                   the chunk keys removed (drop them from the index)
     keyword(query, k, tenant, filters=None) -> list[(key, score)]  BM25, higher is better
-    visible_keys(tenant, filters=None) -> set[int]
+    visible_keys(tenant, filters=None) -> frozenset[int] (cached until a document turns ready or goes)
     chunk_rows(keys) -> {key: ChunkRow}
     embedded_keys() / chunk_keys() -> set[int]; resumable() -> list[doc_id]
     embedder() -> (id, dim) | None; set_embedder(id, dim)
@@ -64,6 +64,7 @@ __all__ = ["DocStore", "Document", "ChunkRow", "FilterError", "DuplicateDocument
 SCHEMA_VERSION = 1
 MAX_TERMS = 64        # query terms ORed together; a pasted paragraph is cut here
 MAX_IN = 1000         # values of one {"in": [...]} filter
+VISIBLE_CACHE = 256   # (tenant, filters) allow-lists kept for vector search
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 # A term: letters/digits, possibly joined by . - / ' + (E11.9, co-amoxiclav, 5-FU, Crohn's)
 _TERM = re.compile(r"\w+(?:[.\-/'+]\w+)*")
@@ -194,6 +195,8 @@ class DocStore:
         self._w = self._connect()
         self._w.execute("PRAGMA journal_mode=WAL")
         self._migrate()
+        self._visibility = 0  # bumped when what a search may see changes (a document ready or deleted)
+        self._visible_cache: dict[tuple[str, str], tuple[int, frozenset[int]]] = {}
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -305,6 +308,7 @@ class DocStore:
                 raise StoreError(f"document {doc_id!r} still has {left} chunks to embed")
             if db.execute("UPDATE documents SET state = 'ready' WHERE id = ?", (doc_id,)).rowcount != 1:
                 raise KeyError(doc_id)
+        self._visibility += 1
 
     def delete(self, doc_id: str) -> list[int]:
         """Remove a document, its chunks and their FTS rows; the keys to drop from the
@@ -312,6 +316,7 @@ class DocStore:
         with self._write() as db:
             keys = [k for (k,) in db.execute("DELETE FROM chunks WHERE doc_id = ? RETURNING key", (doc_id,))]
             db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+        self._visibility += 1
         return sorted(keys)
 
     # -- documents ---------------------------------------------------------------------
@@ -400,11 +405,25 @@ class DocStore:
             [expr, *params, k])
         return [(key, -r) for key, r in rows]
 
-    def visible_keys(self, tenant: str, filters: Mapping[str, Any] | None = None) -> set[int]:
-        """Keys of every chunk the tenant may retrieve (the allow-list for vector search)."""
+    def visible_keys(self, tenant: str, filters: Mapping[str, Any] | None = None) -> frozenset[int]:
+        """Keys of every chunk the tenant may retrieve (the allow-list for vector search).
+
+        Cached per (tenant, filters) until a document turns ready or is deleted (the only
+        writes that change what is visible): reading 12,000 keys costs ~12 ms, most of a
+        search's time, and a tenant's searches mostly ask for the same set. A cached
+        answer was valid when made, and only a delete can make a filter field unknown."""
+        cache_key = (tenant, json.dumps(filters, sort_keys=True) if filters else "")
+        generation = self._visibility
+        hit = self._visible_cache.get(cache_key)
+        if hit is not None and hit[0] == generation:
+            return hit[1]
         where, params = self._visible(tenant, filters)
-        return {k for (k,) in self._query(
-            f"SELECT c.key FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE {where}", params)}
+        keys = frozenset(k for (k,) in self._query(
+            f"SELECT c.key FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE {where}", params))
+        if len(self._visible_cache) >= VISIBLE_CACHE:
+            self._visible_cache.clear()
+        self._visible_cache[cache_key] = (generation, keys)
+        return keys
 
     def chunk_rows(self, keys: Iterable[int]) -> dict[int, ChunkRow]:
         """The rows of `keys` that still exist (a key deleted meanwhile is simply absent)."""
