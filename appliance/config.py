@@ -171,8 +171,19 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
         return self.model_alias or self.model_file.stem
 
     @property
+    def journal_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:///")
+
+    @property
     def journal_path(self) -> str:
-        return self.database_url.removeprefix("sqlite:///")
+        """The SQLite journal's file; for PostgreSQL, where it is (never its password)."""
+        if self.journal_sqlite:
+            return self.database_url.removeprefix("sqlite:///")
+        from urllib.parse import urlsplit
+
+        u = urlsplit(self.database_url)
+        port = f":{u.port}" if u.port else ""
+        return f"postgresql://{u.username + '@' if u.username else ''}{u.hostname or ''}{port}{u.path}"
 
     @property
     def rate_limit_rules(self) -> dict[str, RateLimit]:
@@ -267,10 +278,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     s.telemetry_endpoint = s.telemetry_endpoint or f"ipc://{run}/telemetry.ipc"
     s.audit_log = s.audit_log or str(Path(s.log_dir) / "audit.jsonl")
     s.database_url = s.database_url or f"sqlite:///{Path(s.data_dir) / 'journal.sqlite3'}"
-    if not s.database_url.startswith("sqlite:///"):
-        scheme = s.database_url.split(":", 1)[0]
-        raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not supported; use sqlite:///PATH "
-                          "(the journal is behind a small interface, store/journal.py, for other backends)")
+    if not s.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        scheme = s.database_url.split(":", 1)[0]  # never the whole URL: it may hold a password
+        raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not supported; use sqlite:///PATH or "
+                          "postgresql://USER:PASSWORD@HOST:PORT/DB (postgres:// too)")
     for endpoint in (s.broker_front, s.broker_back, s.broker_events, s.telemetry_endpoint):
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")

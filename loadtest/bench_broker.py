@@ -2,12 +2,15 @@
 
     .venv/bin/python loadtest/bench_broker.py            # all four parts
     .venv/bin/python loadtest/bench_broker.py --parts 1,2 --n 20000
+    .venv/bin/python loadtest/bench_broker.py --parts 2 --database-url postgresql://u:p@127.0.0.1/scratch
 
 1. The native scheduling core against the pure-Python reference: ops/s of
    push/pop/cancel mixes with 10k and 100k tasks queued.
 2. No-op tasks through the real broker process over ZeroMQ (journal on, group
    commit) with a stub worker process: tasks/s end to end, dispatch latency, and the
-   broker's RSS with 100k tasks queued.
+   broker's RSS with 100k tasks queued. The journal is SQLite in the broker's home, or
+   PostgreSQL with --database-url (a scratch database: its journal tables are dropped
+   before each broker start, so that every run starts empty).
 3. The same no-op workload through Celery with a Redis broker, in the same run
    (needs `pip install -e '.[bench]'` and Debian's redis-server: `make bench` does both).
 4. Scheduling quality: one worker with a fixed service time, `low` tasks offered at
@@ -56,6 +59,7 @@ class BenchTimeout(RuntimeError):
 
 
 STALL_S = 30.0      # give up after this long without progress (--stall-s)
+DATABASE_URL = ""   # part 2's journal when set (--database-url); else SQLite in the broker's home
 MIN_RATE = 100.0    # ... or after the work at this many per second (floor 60 s), whichever is first
 
 
@@ -335,8 +339,30 @@ def pump(broker: BrokerProcess, n: int, window: int, phase: str) -> tuple[float,
     return time.perf_counter() - t0, acked
 
 
+def journal_env() -> dict[str, str]:
+    """DATABASE_URL for a broker of part 2: a PostgreSQL scratch database emptied first."""
+    if not DATABASE_URL:
+        return {}
+    import psycopg
+
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS tasks, schema_version")
+    return {"DATABASE_URL": DATABASE_URL}
+
+
+def journal_bytes(broker: BrokerProcess) -> int:
+    """The journal's size on disk: SQLite's files, or the PostgreSQL table with its indexes."""
+    if not DATABASE_URL:
+        return sum(f.stat().st_size for f in (broker.home / "var" / "data").glob("journal*"))
+    import psycopg
+
+    with psycopg.connect(DATABASE_URL, autocommit=True) as conn:
+        return conn.execute("SELECT pg_total_relation_size('tasks')").fetchone()[0]
+
+
 def bench_broker(n: int) -> float:
-    broker = BrokerProcess(QUEUE_MAX_SIZE=200_000)
+    journal_name = "PostgreSQL" if DATABASE_URL else "SQLite synchronous=FULL"
+    broker = BrokerProcess(QUEUE_MAX_SIZE=200_000, **journal_env())
     worker = start_worker(broker.back, 256, 0, broker.home / "w.json")
     rows = []
     try:
@@ -354,12 +380,12 @@ def bench_broker(n: int) -> float:
     finally:
         stop_worker(worker)
         broker.stop()
-    table("2a. broker over ZeroMQ (journal on, synchronous=FULL, group commit), stub worker with 256 slots",
+    table(f"2a. broker over ZeroMQ (journal on: {journal_name}, group commit), stub worker with 256 slots",
           ["workload", "tasks", "tasks/s", "queued->dispatched p50 ms", "p99 ms"], rows)
     print("(with 1000 submits in flight the queue grows while the run lasts: its dispatch time is queue wait;\n"
           " one at a time shows the broker's own dispatch latency)")
 
-    broker = BrokerProcess(QUEUE_MAX_SIZE=100_000)
+    broker = BrokerProcess(QUEUE_MAX_SIZE=100_000, **journal_env())
     try:
         idle = broker.rss_mb()
         spec = P.ChatTask(messages=[P.ChatMessage("user", "Summarise the discharge note.")],
@@ -373,7 +399,7 @@ def bench_broker(n: int) -> float:
             assert isinstance(reply, P.BatchAccepted), reply
         st = broker.stats()
         rss = broker.rss_mb()
-        journal = sum(f.stat().st_size for f in (broker.home / "var" / "data").glob("journal*"))
+        journal = journal_bytes(broker)
     finally:
         broker.stop()
     table("2b. broker memory", ["state", "queued", "RSS MB", "journal MB"],
@@ -478,7 +504,7 @@ def bench_scheduling(seconds: float, service_ms: float) -> None:
 
 
 def main() -> None:
-    global STALL_S
+    global STALL_S, DATABASE_URL
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker_main(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
         return
@@ -490,8 +516,11 @@ def main() -> None:
     ap.add_argument("--sched-seconds", type=float, default=10.0, help="seconds of overload in part 4")
     ap.add_argument("--stall-s", type=float, default=STALL_S,
                     help="give up a wait (acks, completions, workers) after this many seconds without progress")
+    ap.add_argument("--database-url", default="",
+                    help="part 2's journal: a PostgreSQL scratch database (its journal tables are dropped)")
     args = ap.parse_args()
     STALL_S = args.stall_s
+    DATABASE_URL = args.database_url
     parts = {int(p) for p in args.parts.split(",")}
     sys.path.insert(0, str(Path(__file__).parent))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

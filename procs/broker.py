@@ -24,7 +24,8 @@ if __name__ == "__main__":
     except JournalError as exc:
         log.critical("%s", exc)
         sys.exit(2)
-    except sqlite3.Error as exc:  # at start (recovery) or at the last commit of a stop
+    except (sqlite3.Error, OSError) as exc:  # at start (recovery) or at the last commit of a stop; a
+        # PostgreSQL failure is an OSError (store/pg_journal.py, PostgresFailure)
         log.critical("journal %s could not be written (%s); state changes not yet journaled are lost: "
                      "their tasks come back from the journal at the next start", settings.journal_path,
                      describe(exc))

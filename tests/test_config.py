@@ -50,8 +50,12 @@ def test_database_url_names_the_journal(tmp_path):
     assert s.journal_path == str(tmp_path / "var/data/journal.sqlite3")
     s = load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "sqlite:////srv/journal.db"})
     assert s.journal_path == "/srv/journal.db"
-    with pytest.raises(ConfigError, match="DATABASE_URL: scheme 'postgresql' is not supported"):
-        load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "postgresql://u:p@db/appliance"})
+    with pytest.raises(ConfigError, match="DATABASE_URL: scheme 'mysql' is not supported; use sqlite:///PATH or "
+                                          "postgresql://") as refused:
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "mysql://u:secret@db/appliance"})
+    assert "secret" not in str(refused.value)
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "DATABASE_URL": "postgresql://app:s3cret@db:5433/journal"})
+    assert s.journal_path == "postgresql://app@db:5433/journal" and not s.journal_sqlite
 
 
 def test_a_retired_key_is_named_not_silently_ignored(tmp_path, caplog):

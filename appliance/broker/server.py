@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import time
 
 import zmq
@@ -23,7 +24,7 @@ import zmq
 from .. import protocol as P
 from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
-from ..store.journal import SqliteJournal
+from ..store import open_journal
 from . import metrics
 from ._pqueue import PriorityQueue
 from .clients import ClientSide
@@ -62,7 +63,7 @@ class Broker(ClientSide, WorkerSide):
         self.telemetry.connect(settings.telemetry_endpoint)
 
         s = settings
-        self.table = TaskTable(SqliteJournal(journal_path or s.journal_path),
+        self.table = TaskTable(open_journal(journal_path or s),
                                lambda: PriorityQueue(len(P.PRIORITIES), s.queue_max_size, s.queue_aging_s),
                                s.queue_max_size, s.result_ttl_s, s.result_tombstone_s)
         self.pool = WorkerPool(s.worker_liveness_s, s.affinity_slack,
@@ -197,7 +198,15 @@ class Broker(ClientSide, WorkerSide):
         except Exception as exc:
             self._malformed("front", type(exc).__name__)
             return
-        self._front_handlers[type(msg)](identity, msg)
+        try:
+            self._front_handlers[type(msg)](identity, msg)
+        except (OSError, sqlite3.Error) as exc:
+            # a read of the journal failed (a finished task's record, an idempotency key)
+            # while the storage is away: the caller hears why at once, not after its timeout
+            if (news := self.table.journal.outage.failed(exc, what="read")) is not None:
+                log.error("journal read failed: %s; the caller is answered storage_unavailable", news)
+            self._reply(identity, P.Refused(msg.req, "storage_unavailable",
+                                            "the journal cannot be read now; retry shortly"))
 
     def _on_back(self, identity: bytes, payload: bytes) -> None:
         try:

@@ -153,9 +153,11 @@ def check_secrets(s: Settings) -> Check:
 
 
 def check_journal(http: Http, s: Settings) -> Check:
-    path = Path(s.database_url.removeprefix("sqlite:///"))
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        return Check("journal", False, f"{path} is not writable by this user")
+    path = s.journal_path  # PostgreSQL: user@host:port/db, never the password
+    if s.journal_sqlite:
+        file = Path(path)
+        if not os.access(file.parent, os.W_OK) or (file.exists() and not os.access(file, os.W_OK)):
+            return Check("journal", False, f"{path} is not writable by this user")
     status, body = http.call("GET", "/v1/async/stats")
     if status != 200:
         return Check("journal", False, f"/v1/async/stats {status}: {_error(body)}")
