@@ -143,12 +143,20 @@ class _RagOp(_Task, kw_only=True):
     (Dispatch.tenant), never from the spec."""
 
 
-class RagIngestTask(_RagOp, tag="rag_ingest", kw_only=True):
+class RagDocument(Struct, forbid_unknown_fields=True, omit_defaults=True):
     document_id: str
     title: Annotated[str, Meta(min_length=1, max_length=500)]
-    text: Annotated[str, Meta(min_length=1)]  # bounded by RAG_MAX_DOC_CHARS (API and broker)
+    text: Annotated[str, Meta(min_length=1)]  # bounded by RAG_MAX_DOC_CHARS (API)
     metadata: dict[str, Any] = {}
     shared: bool = False  # site-wide: every tenant sees it (admin callers only, checked by the API)
+
+
+class RagIngestTask(_RagOp, tag="rag_ingest", kw_only=True):
+    """One document (the API's POST), or many small ones (`appliance rag load-icd10cm`:
+    one task per 64 codes costs the broker 1/64 of the work and lets their chunks be
+    embedded together)."""
+
+    documents: Annotated[list[RagDocument], Meta(min_length=1, max_length=256)]
 
 
 class RagSearchTask(_RagOp, tag="rag_search", kw_only=True):

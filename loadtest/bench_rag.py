@@ -51,7 +51,7 @@ def quality(n_codes: int, n_queries: int, threads: int, seed: int) -> dict:
     from appliance.rag import embedder as emb
     from appliance.rag import icd10
     from appliance import protocol as P
-    from appliance.rag.library import Library
+    from appliance.rag.library import Library, NewDocument
 
     rng = random.Random(seed)
     every = list(icd10.codes())
@@ -64,10 +64,10 @@ def quality(n_codes: int, n_queries: int, threads: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-rag-") as tmp:
         lib = Library(Path(tmp), emb.load("minilm", threads=threads))
         t0 = time.perf_counter()
-        for c in indexed:
-            title, text, meta = icd10.document(c)
-            lib.ingest(P.document_id("site", text), "site", title, text, meta, True, lambda d, t: None,
-                       lambda: False)
+        docs = [NewDocument(P.document_id("site", text), title, text, meta, True)
+                for title, text, meta in map(icd10.document, indexed)]
+        for i in range(0, len(docs), 64):  # as `appliance rag load-icd10cm` sends them: 64 codes a task
+            lib.ingest(docs[i:i + 64], "site", lambda d, t: None, lambda: False)
         ingest_s = time.perf_counter() - t0
         print(f"indexed {len(indexed)} codes in {ingest_s:.1f} s ({len(indexed) / ingest_s:.0f} documents/s)",
               flush=True)
@@ -105,7 +105,10 @@ def passages(lib, rng) -> dict:
         paras.append(" ".join(words[i:i + 100]) + ".")
     text = "\n\n".join(paras)
     t0 = time.perf_counter()
-    doc = lib.ingest("f" * 32, "bench", "passages", text, {}, False, lambda d, t: None, lambda: False)
+    from appliance.rag.library import NewDocument
+
+    [doc] = lib.ingest([NewDocument("f" * 32, "passages", text, {}, False)], "bench", lambda d, t: None,
+                       lambda: False)
     s = time.perf_counter() - t0
     return {"chunks": doc["chunks"], "words": len(text.split()), "seconds": s, "chunks_per_s": doc["chunks"] / s,
             "words_per_s": len(text.split()) / s}
@@ -137,6 +140,8 @@ def appliance_part(n_ingest: int, n_chat: int, n_search: int) -> dict:
     s = requests.Session()
     terms = [t for c in icd10.sample(400) for t in c.inclusion_terms][:n_search]
     out: dict = {}
+    model = s.get(app.url + "/v1/models", headers=h, timeout=10).json()["data"][0]["id"]
+    errors: list[str] = []
 
     def chat(samples: list[float], stop: threading.Event | None = None, n: int = 0) -> None:
         sess = requests.Session()
@@ -144,10 +149,12 @@ def appliance_part(n_ingest: int, n_chat: int, n_search: int) -> dict:
         while (stop is None and i < n) or (stop is not None and not stop.is_set()):
             t = time.perf_counter()
             r = sess.post(app.url + "/v1/chat/completions", headers=h, timeout=60, json={
-                "messages": [{"role": "user", "content": f"Summarise the discharge plan {i}."}],
+                "model": model, "messages": [{"role": "user", "content": f"Summarise the discharge plan {i}."}],
                 "max_tokens": 32, "temperature": 0})
             if r.status_code == 200:
                 samples.append((time.perf_counter() - t) * 1000)
+            else:
+                errors.append(f"chat {r.status_code}: {r.text[:120]}")
             i += 1
 
     def chats(n: int) -> list[float]:
@@ -165,6 +172,8 @@ def appliance_part(n_ingest: int, n_chat: int, n_search: int) -> dict:
             ms.append((time.perf_counter() - t) * 1000)
             if r.status_code == 200:
                 worker_ms.append(r.json()["search_ms"])
+            else:
+                errors.append(f"search {r.status_code}: {r.text[:120]}")
         out[label] = {"n": len(ms), "p50_ms": pct(ms, 50), "p99_ms": pct(ms, 99),
                       "worker_p50_ms": pct(worker_ms, 50), "worker_p99_ms": pct(worker_ms, 99)}
 
@@ -204,6 +213,9 @@ def appliance_part(n_ingest: int, n_chat: int, n_search: int) -> dict:
         [t.join() for t in ts]
     finally:
         app.stop()
+    out["errors"] = len(errors)
+    if errors:
+        print(f"{len(errors)} requests failed, e.g. {errors[:3]}", flush=True)
     return out
 
 

@@ -6,9 +6,10 @@ tests do not depend on one another's documents.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
-import time
+import subprocess
 
 import pytest
 
@@ -260,3 +261,24 @@ def test_a_restart_reopens_the_index_and_a_crash_mid_ingestion_loses_nothing(app
     after = app.get("/v1/rag/documents", headers=h).json()["index"]
     assert after["chunks"] == before["chunks"] and after["embedder"] == before["embedder"]
     assert titles(search(app, h, "heart attack", mode="vector", k=1)) == [DOCS["heart"][0]]
+
+
+def test_the_icd10cm_loader_indexes_site_wide_codes_through_the_broker(app):
+    """Last in this module: its 130 site-wide documents are seen by every tenant."""
+    env = {**app.env, "APPLIANCE_HOME": str(app.home)}
+    run = subprocess.run([str(app.bin / "appliance"), "rag", "load-icd10cm", "--limit", "130"], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["codes"] == 130 and summary["tasks"] == 3 and summary["completed"] == 3 and not summary["failed"]
+    h = app.writer("any-tenant")
+    hits = search(app, h, "cholera", mode="keyword", k=3)
+    assert hits and all(x["title"].startswith("A00") for x in hits), titles(hits)
+    assert hits[0]["metadata"]["source"] == "icd10cm"
+    again = subprocess.run([str(app.bin / "appliance"), "rag", "load-icd10cm", "--limit", "130"], env=env,
+                           capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0 and json.loads(again.stdout)["completed"] == 3
+    index = app.get("/v1/rag/documents", headers=h).json()["index"]
+    assert len([d for d in app.get("/v1/rag/documents?limit=1000", headers=h).json()["documents"]
+                if d["metadata"].get("source") == "icd10cm"]) == 130  # loading twice adds nothing
+    assert index["chunks"] >= 130

@@ -130,7 +130,10 @@ def test_injection_looking_queries_are_plain_text(st, q):
 
 
 def test_fts_query_quotes_every_term():
-    assert fts_query('"a" OR b* NEAR(') == '"a" OR "OR" OR "b" OR "NEAR"'
+    assert fts_query('"x" OR b* NEAR(') == '"x" OR "b" OR "NEAR"'  # "or": a function word, left out
+    assert fts_query("fracture of the neck of the femur") == '"fracture" OR "neck" OR "femur"'
+    assert fts_query("without complications, not on insulin") == '"without" OR "complications" OR "not" OR "insulin"'
+    assert fts_query("of the") == '"of" OR "the"'  # nothing else: kept
     assert fts_query("E11.9 e11.9 co-amoxiclav") == '"E11.9" OR "co-amoxiclav"'
     assert fts_query("  ()*:^ ") == ""
     assert fts_query(" ".join(f"w{i}" for i in range(500))).count(" OR ") == store_mod.MAX_TERMS - 1

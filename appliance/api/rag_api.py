@@ -90,8 +90,8 @@ class Documents:
             raise ApiError(403, "insufficient_scope", "only an admin shares a document site-wide",
                            {"required": "admin"})
         doc_id = P.document_id(principal.tenant, body.text)
-        spec = P.RagIngestTask(priority="batch", timeout_s=s.task_timeout_max_s, document_id=doc_id,
-                               title=body.title, text=body.text, metadata=body.metadata, shared=body.shared)
+        spec = P.RagIngestTask(priority="batch", timeout_s=s.task_timeout_max_s, documents=[P.RagDocument(
+            doc_id, body.title, body.text, body.metadata, body.shared)])
         accepted = self.api.broker().submit(spec, principal.tenant)
         req.context.audit_ids = [accepted.task_id]
         json_response(resp, DocumentAccepted(doc_id, accepted.task_id, accepted.state,

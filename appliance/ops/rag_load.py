@@ -16,7 +16,8 @@ from .. import protocol as P
 from ..broker_client import BrokerClient, BrokerRefused
 from ..config import Settings
 
-BATCH = 200
+BATCH = 200       # tasks per submit-batch
+PER_TASK = 64     # codes per rag_ingest task: embedded together, one task's overhead for all
 
 
 def load_icd10cm(s: Settings, chapters: Sequence[str] | None, limit: int | None, wait: bool,
@@ -27,6 +28,8 @@ def load_icd10cm(s: Settings, chapters: Sequence[str] | None, limit: int | None,
     client = BrokerClient(s.broker_front, max(s.broker_timeout_s, 5.0))
     ids: list[str] = []
     pending: list[P.RagIngestTask] = []
+    docs: list[P.RagDocument] = []
+    n = 0
     t0 = time.monotonic()
 
     def flush() -> None:
@@ -38,19 +41,26 @@ def load_icd10cm(s: Settings, chapters: Sequence[str] | None, limit: int | None,
                 if exc.code != "queue_full":
                     raise
                 time.sleep(1.0)  # the queue drains at the worker's pace
-        say(f"{len(ids)} codes submitted ({time.monotonic() - t0:.0f} s)")
+        say(f"{n} codes submitted in {len(ids)} tasks ({time.monotonic() - t0:.0f} s)")
 
-    for n, code in enumerate(icd10.codes(chapters)):
+    def task() -> None:
+        pending.append(P.RagIngestTask(priority="batch", timeout_s=s.task_timeout_max_s, documents=list(docs)))
+        docs.clear()
+        if len(pending) >= min(BATCH, s.max_batch):
+            flush()
+
+    for code in icd10.codes(chapters):
         if limit is not None and n >= limit:
             break
         title, text, metadata = icd10.document(code)
-        pending.append(P.RagIngestTask(priority="batch", timeout_s=s.task_timeout_max_s,
-                                       document_id=P.document_id(SITE, text), title=title, text=text,
-                                       metadata=metadata, shared=True))
-        if len(pending) >= min(BATCH, s.max_batch):
-            flush()
+        docs.append(P.RagDocument(P.document_id(SITE, text), title, text, metadata, shared=True))
+        n += 1
+        if len(docs) >= PER_TASK:
+            task()
+    if docs:
+        task()
     flush()
-    summary = {"submitted": len(ids), "completed": 0, "failed": 0}
+    summary = {"codes": n, "tasks": len(ids), "completed": 0, "failed": 0}
     if not wait:
         return summary
     for i, task_id in enumerate(ids):

@@ -25,7 +25,7 @@ from ..config import Settings, ensure_dirs
 from ..logs import exception_summary
 from . import answer, embedder as emb
 from .children import ChildFailed, result_of, run_child
-from .library import Library, LibraryError, Stopped
+from .library import Library, LibraryError, NewDocument, Stopped
 from .store import FilterError
 from .vectors import IndexMismatch
 
@@ -135,9 +135,12 @@ class RagHandler:
         if isinstance(spec, P.RagIngestTask):
             def progress(done: int, total: int) -> None:
                 on_text(f"indexed {done}/{total}\n")
-            doc = lib.ingest(spec.document_id, tenant, spec.title, spec.text, spec.metadata, spec.shared,
-                             progress, should_stop)
-            return doc, "", {}
+            docs = lib.ingest([NewDocument(d.document_id, d.title, d.text, d.metadata, d.shared)
+                               for d in spec.documents], tenant, progress, should_stop)
+            if not docs:
+                raise LibraryError("not_found", "the document was deleted while it was being indexed")
+            # the API's one document: its summary; a batch (the ICD-10-CM loader): all of them
+            return (docs[0] if len(spec.documents) == 1 else {"documents": docs}), "", {}
         if isinstance(spec, P.RagDocsTask):
             if spec.op == "list":
                 return {"documents": lib.list(tenant, spec.limit, spec.offset), "index": lib.index_stats()}, "", {}

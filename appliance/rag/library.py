@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import msgspec
 
@@ -41,6 +41,14 @@ log = logging.getLogger("appliance.rag")
 BATCH = 16          # chunks per embedding call: large enough to amortise, small enough to stop quickly
 SAVE_EVERY_S = 5.0  # the index file is saved at most this often during ingestion (and at close)
 BACKGROUND_NICE = 10  # ingestion threads run at this OS priority: chat and search go first on the CPU
+
+
+class NewDocument(NamedTuple):
+    doc_id: str
+    title: str
+    text: str
+    metadata: dict[str, Any]
+    shared: bool
 
 
 class LibraryError(Exception):
@@ -91,61 +99,64 @@ class Library:
         self._publish()
 
     # ------------------------------------------------------------ ingestion
-    def ingest(self, doc_id: str, tenant: str, title: str, text: str, metadata: dict[str, Any], shared: bool,
-               progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> dict:
-        """Index one document (or finish it); its summary. Idempotent by content."""
-        sha = hashlib.sha256(text.encode()).hexdigest()
+    def ingest(self, docs: list[NewDocument], tenant: str, progress: Callable[[int, int], None],
+               should_stop: Callable[[], bool]) -> list[dict]:
+        """Index documents (or finish them); their summaries. Idempotent by content."""
         with self.write:
-            doc = self.store.get(doc_id)
-            if doc is None:
-                pieces = chunk(text, self.embedder.token_spans(text), self.chunk_tokens, self.overlap)
+            for d in docs:
+                if self.store.get(d.doc_id) is not None:
+                    continue
+                pieces = chunk(d.text, self.embedder.token_spans(d.text), self.chunk_tokens, self.overlap)
                 if not pieces:
                     raise LibraryError("invalid_field", "text: nothing to index (only whitespace)")
-                self.store.add_document(doc_id, tenant, shared, title, sha, metadata, len(text), pieces)
-        return self.complete(doc_id, progress, should_stop)
+                sha = hashlib.sha256(d.text.encode()).hexdigest()
+                self.store.add_document(d.doc_id, tenant, d.shared, d.title, sha, d.metadata, len(d.text), pieces)
+        return self.complete([d.doc_id for d in docs], progress, should_stop)
 
-    def complete(self, doc_id: str, progress: Callable[[int, int], None] = lambda d, t: None,
-                 should_stop: Callable[[], bool] = lambda: False) -> dict:
-        """Embed what is pending of a document, then mark it ready."""
+    def complete(self, doc_ids: list[str], progress: Callable[[int, int], None] = lambda d, t: None,
+                 should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
+        """Embed what is pending of these documents, then mark them ready; the summaries
+        of those that still exist (one deleted meanwhile is left out)."""
         with self.embedding:
             lower_this_threads_priority()
             try:
-                return self._complete(doc_id, progress, should_stop)
+                return self._complete(doc_ids, progress, should_stop)
             finally:
                 restore_this_threads_priority()
 
-    def _complete(self, doc_id, progress, should_stop) -> dict:
-        doc = self.store.get(doc_id)
-        if doc is None:
-            raise LibraryError("not_found", "the document was deleted while it was being indexed")
-        pending = self.store.pending(doc_id)
-        total = doc.n_chunks
+    def _complete(self, doc_ids, progress, should_stop) -> list[dict]:
+        docs = [d for d in map(self.store.get, doc_ids) if d is not None]
+        pending = [(d.id, key, text) for d in docs for key, text in self.store.pending(d.id)]
+        total = sum(d.n_chunks for d in docs)
         done = total - len(pending)
         progress(done, total)
         for i in range(0, len(pending), BATCH):
             if should_stop():
                 raise Stopped(f"{done} of {total} chunks indexed")
             batch = pending[i:i + BATCH]
-            vectors = self.embedder.embed([text for _, text in batch])
-            keys = [key for key, _ in batch]
-            with self.write:
-                if self.store.get(doc_id) is None:
-                    raise LibraryError("not_found", "the document was deleted while it was being indexed")
-                self.vectors.add(keys, vectors)
-                self.store.mark_embedded(keys)
-                metrics.EMBEDDED.inc(len(keys))
-                self._dirty = True
-                self._save_if_due()
+            vectors = self.embedder.embed([text for _, _, text in batch])
+            with self.write:  # a document deleted meanwhile: its chunks are not indexed
+                alive = {doc for doc, _, _ in batch if self.store.get(doc) is not None}
+                rows = [j for j, (doc, _, _) in enumerate(batch) if doc in alive]
+                keys = [batch[j][1] for j in rows]
+                if keys:
+                    self.vectors.add(keys, vectors[rows])
+                    self.store.mark_embedded(keys)
+                    metrics.EMBEDDED.inc(len(keys))
+                    self._dirty = True
+                    self._save_if_due()
             done += len(batch)
             progress(done, total)
+        finished = []
         with self.write:
-            if self.store.get(doc_id) is None:
-                raise LibraryError("not_found", "the document was deleted while it was being indexed")
-            self.store.mark_ready(doc_id)
+            for d in docs:
+                if self.store.get(d.id) is not None:
+                    self.store.mark_ready(d.id)
+                    finished.append(d.id)
             self._save_if_due()
-        metrics.DOCUMENTS.labels("indexed").inc()
+        metrics.DOCUMENTS.labels("indexed").inc(len(finished))
         self._publish()
-        return self.describe(self.store.get(doc_id))
+        return [self.describe(self.store.get(i)) for i in finished]
 
     def resume(self, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Finish every document left `indexing` (a crash, a stop); how many were finished."""
@@ -154,8 +165,7 @@ class Library:
             if should_stop():
                 break
             try:
-                self.complete(doc_id, should_stop=should_stop)
-                finished += 1
+                finished += len(self.complete([doc_id], should_stop=should_stop))
             except (LibraryError, Stopped) as exc:
                 log.warning("document %s not resumed: %s", doc_id, exc)
         return finished

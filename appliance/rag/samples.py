@@ -27,17 +27,20 @@ def load_sample(library, name: str, should_stop: Callable[[], bool]) -> int:
         raise ValueError(f"unknown sample {name!r}")
     from . import icd10
 
+    from .library import NewDocument
+
     t0 = time.monotonic()
-    added = 0
+    docs = []
     for code in icd10.sample(SAMPLE_SIZE):
+        title, text, metadata = icd10.document(code)
+        doc = library.store.get(P.document_id(SITE, text))
+        if doc is None or doc.state != "ready":
+            docs.append(NewDocument(P.document_id(SITE, text), title, text, metadata, True))
+    added = 0
+    for i in range(0, len(docs), 64):  # embedded 16 at a time, across documents
         if should_stop():
             break
-        title, text, metadata = icd10.document(code)
-        doc_id = P.document_id(SITE, text)
-        if library.store.get(doc_id) is not None and library.store.get(doc_id).state == "ready":
-            continue
-        library.ingest(doc_id, SITE, title, text, metadata, True, lambda d, t: None, should_stop)
-        added += 1
+        added += len(library.ingest(docs[i:i + 64], SITE, lambda d, t: None, should_stop))
     if added:
         log.info("rag: sample %s: %d documents indexed in %.1fs", name, added, time.monotonic() - t0)
     return added
