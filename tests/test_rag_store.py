@@ -228,3 +228,17 @@ def test_reads_from_threads_during_writes(st):
         t.join()
     assert not errors
     assert len(st.keyword("alpha", 100, "t1")) == 1 + 20
+
+
+def test_writes_in_one_transaction_commit_together_or_not_at_all(st):
+    with st.transaction():
+        add(st, "a", ["alpha one"])
+        add(st, "b", ["beta two"])
+        assert st.get("a") is None  # readers see a transaction only once it commits
+    assert st.get("a").state == st.get("b").state == "ready"
+    assert len(st.visible_keys("t1")) == 2  # the allow-list cache saw the commit
+    with pytest.raises(RuntimeError):
+        with st.transaction():
+            add(st, "c", ["gamma three"])
+            raise RuntimeError("the ingestion failed half-way")
+    assert st.get("c") is None and len(st.visible_keys("t1")) == 2

@@ -102,7 +102,8 @@ class Library:
     def ingest(self, docs: list[NewDocument], tenant: str, progress: Callable[[int, int], None],
                should_stop: Callable[[], bool]) -> list[dict]:
         """Index documents (or finish them); their summaries. Idempotent by content."""
-        with self.write:
+        docs = list({d.doc_id: d for d in docs}.values())  # the same text twice in one task: once
+        with self.write, self.store.transaction():  # one commit for all (reads see it only after)
             for d in docs:
                 if self.store.get(d.doc_id) is not None:
                     continue
@@ -148,7 +149,7 @@ class Library:
             done += len(batch)
             progress(done, total)
         finished = []
-        with self.write:
+        with self.write, self.store.transaction():
             for d in docs:
                 if self.store.get(d.id) is not None:
                     self.store.mark_ready(d.id)

@@ -198,6 +198,7 @@ class DocStore:
         self._idle: list[sqlite3.Connection] = []      # readers not in use
         self._conns_lock = threading.Lock()
         self._wlock = threading.Lock()
+        self._tx = threading.local()  # this thread's open transaction, which nested writes join
         self._closed = False
         self._w = self._connect()
         self._w.execute("PRAGMA journal_mode=WAL")
@@ -234,11 +235,16 @@ class DocStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a write inside this thread's open transaction joins it."""
+        if getattr(self._tx, "db", None) is not None:
+            yield self._tx.db
+            return
         with self._wlock:
             if self._closed:
                 raise StoreError("store is closed")
             db = self._w
             db.execute("BEGIN IMMEDIATE")
+            self._tx.db, self._tx.visible_changed = db, False
             try:
                 yield db
                 db.execute("COMMIT")
@@ -246,6 +252,15 @@ class DocStore:
                 if db.in_transaction:       # also after a failed COMMIT (disk full, I/O error)
                     db.execute("ROLLBACK")
                 raise
+            finally:
+                self._tx.db = None
+            if self._tx.visible_changed:    # after the commit: a reader never caches the old state anew
+                self._visibility += 1
+
+    def transaction(self):
+        """Several writes, one commit (one fsync): an ingestion of 64 small documents
+        made 128 commits, each an fsync on the disk the broker's journal shares."""
+        return self._write()
 
     def close(self) -> None:
         with self._wlock, self._conns_lock:
@@ -315,7 +330,7 @@ class DocStore:
                 raise StoreError(f"document {doc_id!r} still has {left} chunks to embed")
             if db.execute("UPDATE documents SET state = 'ready' WHERE id = ?", (doc_id,)).rowcount != 1:
                 raise KeyError(doc_id)
-        self._visibility += 1
+            self._tx.visible_changed = True
 
     def delete(self, doc_id: str) -> list[int]:
         """Remove a document, its chunks and their FTS rows; the keys to drop from the
@@ -323,7 +338,7 @@ class DocStore:
         with self._write() as db:
             keys = [k for (k,) in db.execute("DELETE FROM chunks WHERE doc_id = ? RETURNING key", (doc_id,))]
             db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
-        self._visibility += 1
+            self._tx.visible_changed = True
         return sorted(keys)
 
     # -- documents ---------------------------------------------------------------------
