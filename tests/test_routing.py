@@ -162,3 +162,17 @@ def test_gpu_state_comes_back_only_when_every_cause_clears_with_margin():
     full = gpu_state(Gpu(), reading(used=9500), limits)
     assert gpu_state(full, reading(used=9200), limits).throttled      # 92 %: within the 5-point margin
     assert not gpu_state(full, reading(used=8900), limits).throttled  # 89 %: back
+
+
+def test_an_instance_never_takes_the_api_s_port(tmp_path):
+    """Every program starts at once: an instance on the API's port (free until gunicorn
+    binds it) would keep the API from ever starting."""
+    from appliance.llama.server import free_port, port_for
+
+    api = free_port()
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "API_PORT": str(api), "LLAMA_INSTANCES": "1"})
+    import msgspec
+
+    inst = msgspec.structs.replace(instances.load(s)[0], port=api)  # configured on it, or a kernel's pick
+    assert port_for(s, inst) != api
+    assert all(free_port(avoid=frozenset({p})) != p for p in (free_port() for _ in range(20)))

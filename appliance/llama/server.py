@@ -29,10 +29,14 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> int:
+    """A port free now; never one of `avoid` (ports other programs will bind soon)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 class _Base:
@@ -160,17 +164,21 @@ class ExternalServer(_Base):
 
 
 def port_for(s: Settings, inst: Instance) -> int:
-    """The instance's preferred port when it is free, else a free one (the log says which)."""
-    if inst.port:
+    """The instance's preferred port when it is free, else a free one (the log says which).
+
+    Never the API's port: every program starts at once, and an instance that took the
+    API's port before gunicorn bound it would leave the API unable to start (seen in CI)."""
+    avoid = frozenset({s.api_port})
+    if inst.port and inst.port not in avoid:
         try:
             with socket.socket() as probe:
                 probe.bind((s.llama_host, inst.port))
             return inst.port
         except OSError:
-            port = free_port(s.llama_host)
+            port = free_port(s.llama_host, avoid)
             log.warning("%s: port %d is taken; listening on %d instead", inst.name, inst.port, port)
             return port
-    return free_port(s.llama_host)
+    return free_port(s.llama_host, avoid)
 
 
 def start_server(s: Settings, inst: Instance, api_key: str | None = None):
