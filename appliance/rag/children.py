@@ -27,9 +27,9 @@ class ChildFailed(Exception):
         self.message = message
 
 
-def run_child(client: BrokerClient, spec: P.TaskSpec, tenant: str, key: str, deadline: float,
+def run_child(client: BrokerClient, spec: P.TaskSpec, tenant: str, key: str | None, deadline: float,
               stop: threading.Event, on_text: Callable[[str], None] | None = None) -> P.TaskRecord:
-    """Submit `spec` for `tenant` (idempotent by `key`) and wait for its final record.
+    """Submit `spec` for `tenant` (idempotent by `key`, if any) and wait for its final record.
 
     Streams the child's text to `on_text` as it comes. `stop` set, or `deadline`
     (wall clock) passed: the child is cancelled and ChildFailed raised. A refusal or an

@@ -173,10 +173,10 @@ class RagHandler:
         """RAG_EMBEDDER=llama:MODEL: each call is an `embed` task of that model through
         the broker, at batch priority for an ingestion and high for a query."""
         def embed(texts: list[str]) -> list[list[float]]:
-            priority = getattr(self._task, "priority", "batch")  # the start-up probe and the sample: batch
+            priority = getattr(self._task, "priority", "batch")  # not a task thread (ingestion, probe): batch
             spec = P.EmbedTask(model=model, priority=priority, timeout_s=60.0, texts=texts)
-            key = f"rag_embed:{time.time_ns()}:{threading.get_native_id()}"
-            rec = run_child(self.client(), spec, "rag", key, time.time() + 60.0, self.closing)
+            # no idempotency key: a re-run embeds again (cheap), and the broker keeps no entry per call
+            rec = run_child(self.client(), spec, "rag", None, time.time() + 60.0, self.closing)
             return result_of(rec).embeddings or []
         return embed
 

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -65,17 +66,13 @@ class Stopped(Exception):
 
 
 def lower_this_threads_priority() -> None:
-    """Linux nice values are per thread: only this ingestion thread yields the CPU."""
+    """Linux nice values are per thread: only the ingestion's embedding thread yields the
+    CPU. It is a thread of its own, niced once for good: raising a thread's priority back
+    needs CAP_SYS_NICE, so a task thread niced for an ingestion would stay slow for the
+    searches it runs later under the appliance's unprivileged user."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
     except (OSError, AttributeError):
-        pass
-
-
-def restore_this_threads_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
-    except (OSError, AttributeError):  # lowering back needs CAP_SYS_NICE: the pool thread stays nice
         pass
 
 
@@ -92,6 +89,8 @@ class Library:
         self.retriever = Retriever(self.store, self.vectors, embedder)
         self.write = threading.Lock()     # one writer: store and index change together
         self.embedding = threading.Lock()  # one ingestion embeds at a time: the CPU is shared with chat
+        self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-ingest-embed",
+                                                initializer=lower_this_threads_priority)
         self._saved = time.monotonic()
         self._dirty = False
         self.compactions = 0
@@ -119,11 +118,7 @@ class Library:
         """Embed what is pending of these documents, then mark them ready; the summaries
         of those that still exist (one deleted meanwhile is left out)."""
         with self.embedding:
-            lower_this_threads_priority()
-            try:
-                return self._complete(doc_ids, progress, should_stop)
-            finally:
-                restore_this_threads_priority()
+            return self._complete(doc_ids, progress, should_stop)
 
     def _complete(self, doc_ids, progress, should_stop) -> list[dict]:
         docs = [d for d in map(self.store.get, doc_ids) if d is not None]
@@ -135,7 +130,7 @@ class Library:
             if should_stop():
                 raise Stopped(f"{done} of {total} chunks indexed")
             batch = pending[i:i + BATCH]
-            vectors = self.embedder.embed([text for _, _, text in batch])
+            vectors = self._embed_thread.submit(self.embedder.embed, [text for _, _, text in batch]).result()
             with self.write:  # a document deleted meanwhile: its chunks are not indexed
                 alive = {doc for doc, _, _ in batch if self.store.get(doc) is not None}
                 rows = [j for j, (doc, _, _) in enumerate(batch) if doc in alive]
@@ -232,5 +227,6 @@ class Library:
             self._dirty = False
 
     def close(self) -> None:
+        self._embed_thread.shutdown(wait=False, cancel_futures=True)
         with self.write:
             self._save_if_due(force=True)
