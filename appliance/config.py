@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -78,6 +79,10 @@ class Settings(msgspec.Struct, rename="upper", forbid_unknown_fields=False):
     broker_events: str = ""
     telemetry_endpoint: str = ""
     queue_max_size: Annotated[int, Meta(ge=1)] = 1000
+    # several boxes on one PostgreSQL queue (README "Several boxes"; appliance/store/shared_queue.py)
+    queue_scope: Literal["box", "shared"] = "box"
+    box_name: str = ""  # this box in the shared queue; default: the host name (lower case, [a-z0-9_-])
+    lease_s: Annotated[float, Meta(ge=2, le=600)] = 15.0  # a box that stops renewing loses its tasks after this
     queue_aging_s: Annotated[float, Meta(ge=0)] = 30.0
     result_ttl_s: Annotated[float, Meta(gt=0)] = 300.0
     result_tombstone_s: Annotated[float, Meta(ge=0)] = 3600.0
@@ -282,6 +287,14 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         scheme = s.database_url.split(":", 1)[0]  # never the whole URL: it may hold a password
         raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not supported; use sqlite:///PATH or "
                           "postgresql://USER:PASSWORD@HOST:PORT/DB (postgres:// too)")
+    if s.queue_scope == "shared":
+        if s.journal_sqlite:
+            raise ConfigError("QUEUE_SCOPE=shared needs DATABASE_URL=postgresql://...: boxes share the queue "
+                              "through PostgreSQL")
+        s.box_name = s.box_name or re.sub(r"[^a-z0-9_-]", "-", socket.gethostname().lower())[:40].strip("-_") or "box"
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", s.box_name):
+            raise ConfigError(f"BOX_NAME {s.box_name!r}: 1-40 characters a-z 0-9 _ -, starting with a letter "
+                              "or digit (it names a PostgreSQL channel)")
     for endpoint in (s.broker_front, s.broker_back, s.broker_events, s.telemetry_endpoint):
         if endpoint.startswith("ipc://") and len(endpoint) - 6 > 100:
             raise ConfigError(f"ipc path too long for a unix socket: {endpoint} (set RUN_DIR shorter)")

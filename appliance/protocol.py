@@ -317,6 +317,7 @@ class TaskRecord(Struct, omit_defaults=True):
     attempts: int = 0             # times it was dispatched (2: re-run after its instance was lost)
     preempted: int = 0            # times it was stopped to free a slot for critical work
     pin: str | None = None        # runs only on this instance (GPU benchmarks); None: wherever routing says
+    box: str | None = None        # the box it ran on (QUEUE_SCOPE=shared); None: one box
 
 
 # ------------------------------------------------- api <-> broker (front ROUTER)
@@ -441,6 +442,9 @@ class Stats(_Msg):
     submits_expired: int = 0        # submits read after their caller gave up (expires_at): dropped
     frames_dropped: dict[str, int] = {}  # malformed messages dropped, per socket (front, back, telemetry)
     rag_workers: list[WorkerStats] = []  # the RAG service's workers (`workers`: the model instances)
+    box: str = ""                   # QUEUE_SCOPE=shared: this box's name ("" on a box of its own)
+    boxes: list[str] = []           # the boxes that renewed their leases lately
+    shared_queued: int = 0          # tasks in the shared queue that no box holds yet
 
 
 class GetGpu(_Msg):

@@ -54,12 +54,12 @@ class ClientSide:
             problem = P.check_bounds(spec, self.s.task_timeout_max_s, self.s.max_prompt_chars, self.s.max_tokens_limit)
             if problem is not None:
                 return "invalid_field", f"{where}{problem[0]}: {problem[1]}"
-            if spec.model is not None and spec.model not in self.catalog.models:
+            if spec.model is not None and not self._known_model(spec.model):
                 return "model_not_found", (f"{where}model: no instance is configured for {spec.model!r}; "
                                            f"models: {', '.join(self.catalog.models)}")
         if batch and len(specs) > self.s.max_batch:
             return "batch_too_large", f"at most {self.s.max_batch} tasks per batch"
-        if len(specs) > (free := self.table.room()):
+        if len(specs) > (free := self._shared_room() if self.shared else self.table.room()):
             return "queue_full", f"{len(specs)} tasks do not fit: {free} of {self.s.queue_max_size} places free"
         return None
 
@@ -75,9 +75,14 @@ class ClientSide:
             self._reply(identity, P.Refused(req, *refusal))
             return
         now = time.time()
-        ids = [self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit),
-                              P.service_of(spec, self.catalog.default()), tenant, now,
-                              task_id if not batch else None, idem, pin).task_id for spec in specs]
+        ids = []
+        for spec in specs:
+            model = P.service_of(spec, self.catalog.default())
+            here = self._hold_here(spec, model, pin)
+            self._inserted += not here
+            ids.append(self.table.add(P.with_defaults(spec, self.s.task_timeout_max_s, self.s.max_tokens_limit),
+                                      model, tenant, now, task_id if not batch else None, idem, pin,
+                                      claimed=here).task_id)
         self._reply_after_commit(identity, P.BatchAccepted(req, ids) if batch else P.Accepted(req, ids[0], "queued"))
         self._unacked.append((identity, req, ids))
 
@@ -92,11 +97,21 @@ class ClientSide:
             info.position = self.table.position(task)
         elif task is not None and rec.state == "running":
             info.text_so_far, info.tokens_seq = "".join(task.text), task.tokens_seq
+        elif self.shared and rec.state == "running":  # on another box: the text it wrote last
+            info.text_so_far, info.tokens_seq = self.table.journal.progress(msg.task_id)
         self._reply(identity, info)
 
     def on_cancel(self, identity: bytes, msg: P.Cancel) -> None:
         rec = self._visible(msg.task_id, msg.tenant, msg.all_tenants)
         task = self.table.get(msg.task_id)
+        if rec is not None and task is None and self.shared and rec.state not in P.FINAL_STATES:
+            # held by another box, or by none yet: take it over here, then cancel it as ours
+            claimed = self.table.journal.take_over(msg.task_id)
+            if claimed is None:
+                rec = self.table.lookup(msg.task_id) or rec
+            else:
+                task = self.table.adopt(claimed.seq, claimed.record, claimed.spec, claimed.idem)
+                rec = task.record
         if rec is None:
             self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))
         elif task is None:
@@ -137,7 +152,8 @@ class ClientSide:
             replies_deferred=self.outbox.deferred, replies_undeliverable=self.outbox.undeliverable,
             workers_dropped=self.pool.dropped, depth_by_model=table.depth_by_model(),
             preemptions=book.preemptions, submits_expired=book.submits_expired,
-            frames_dropped=dict(book.frames_dropped), journal_errors=table.journal.outage.errors))
+            frames_dropped=dict(book.frames_dropped), journal_errors=table.journal.outage.errors,
+            box=self.s.box_name if self.shared else "", boxes=self._boxes, shared_queued=self._backlog))
 
     def on_gpu(self, identity: bytes, msg: P.GetGpu) -> None:
         states = [P.GpuState(i, g.throttled, g.reason) for i, g in sorted(self.pool.gpus.items())]

@@ -106,3 +106,7 @@ class Sync:
         for state in HEALTH_STATES:
             HEALTH.labels(state).set(1 if state == health else 0)
         OLDEST.set(oldest_s)
+CLAIMED = Counter("appliance_broker_tasks_claimed_total", "Tasks this box took from the shared queue "
+                  "(QUEUE_SCOPE=shared)")
+LEASES_EXPIRED = Counter("appliance_broker_leases_expired_total", "Tasks returned to the shared queue because "
+                         "the box holding them stopped renewing its lease (seen by this box's sweep)")

@@ -161,3 +161,20 @@ def conversation_key(spec: P.TaskSpec, tenant: str) -> str | None:
             if m.role == "user":
                 break
     return f"p\0{tenant}\0{h.hexdigest()}"
+
+
+def claim_room(candidates: list[Candidate], gpus: dict[int, Gpu], queued: int) -> tuple[int, int]:
+    """How many tasks of one model a box should claim from the shared queue: (any
+    priority, critical/high only), given its instances of that model and the `queued`
+    tasks of it it holds already. A box claims no more than it can start now (a task
+    it holds waits for this box alone); reserved slots take only urgent work, as in
+    `eligible`."""
+    low = urgent = 0
+    for c in candidates:
+        if c.free <= 0 or (c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled):
+            continue
+        open_low = max(0, min(c.free, c.slots - c.reserved - c.low_running))
+        low += open_low
+        urgent += c.free - open_low
+    any_room = max(0, low - queued)
+    return any_room, max(0, low + urgent - queued) - any_room

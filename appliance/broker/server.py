@@ -28,6 +28,7 @@ from ..store import open_journal
 from . import metrics
 from ._pqueue import PriorityQueue
 from .clients import ClientSide
+from .cluster import ClusterSide
 from .models import ModelCatalog
 from .outbox import Outbox
 from . import routing
@@ -42,7 +43,7 @@ EXPIRE_EVERY_S = 1.0       # how often results past their TTL are dropped from t
 INSTANCES_EVERY_S = 2.0    # how often the instances file is checked for changes (appliance reload)
 
 
-class Broker(ClientSide, WorkerSide):
+class Broker(ClientSide, WorkerSide, ClusterSide):
     def __init__(self, settings: Settings, journal_path: str | None = None):
         self.s = settings
         ensure_dirs(settings)
@@ -82,6 +83,7 @@ class Broker(ClientSide, WorkerSide):
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
                                 P.GetStats: self.on_stats, P.GetGpu: self.on_gpu}
+        self._cluster_setup()
         live, was_running, refused = self.table.recover(self.catalog.default())
         for task in refused:
             self._finish(task, "failed", error=P.TaskError("queue_full", "queue bound reached on recovery"))
@@ -94,15 +96,20 @@ class Broker(ClientSide, WorkerSide):
         poller = zmq.Poller()
         for sock in (self.front, self.back, self.telemetry):
             poller.register(sock, zmq.POLLIN)
-        log.info("broker up: front=%s back=%s", self.s.broker_front, self.s.broker_back)
+        log.info("broker up: front=%s back=%s%s", self.s.broker_front, self.s.broker_back,
+                 f" box={self.s.box_name} (shared queue)" if self.shared else "")
         while self._running and not self._drained():
+            self._cluster_listen(poller)
             ready = dict(poller.poll(self._poll_timeout_ms()))
+            if self._listen_fd is not None and self._listen_fd in ready:
+                self._cluster_notices()
             if self.front in ready:
                 self._drain(self.front, self._on_front, "front")
             if self.back in ready:
                 self._drain(self.back, self._on_back, "back")
             if self.telemetry in ready:
                 self._drain(self.telemetry, self._on_telemetry, "telemetry")
+            self._cluster_claim()
             self._fire_timers()
             # Dispatch first: the worker starts while the journal fsyncs. Acks still wait
             # for the commit, so a crash here loses no acknowledged task; at worst a task
@@ -114,6 +121,7 @@ class Broker(ClientSide, WorkerSide):
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
                 self._commit_and_ack()
+            self._cluster_tick()
             self.outbox.flush()
             self._metrics(self)
         self.close()
@@ -127,6 +135,10 @@ class Broker(ClientSide, WorkerSide):
             wait = min(wait, deadline - time.time())
         if self._draining_since is not None:
             wait = min(wait, 0.1)  # look again soon whether the last running task is done
+        if self.shared:
+            wait = min(wait, self._next_tick - time.monotonic(), self._next_poll - time.monotonic() + 0.001)
+            if self.table.journal.listener is None:
+                wait = min(wait, max(0.0, self._retry_listen - time.monotonic()))
         if self.table.urgent and self.s.critical_max_wait_ms > 0:
             wait = min(wait, 0.05)  # critical work waits: look again soon (preemption)
         return max(0, int(wait * 1000) + 1)
@@ -164,6 +176,7 @@ class Broker(ClientSide, WorkerSide):
             self.table.commit()
         except Exception as exc:  # the last state changes are lost: their tasks run again at the next start
             log.error("journal commit at exit failed: %s", exception_summary(exc))
+        self._cluster_release()
         self.table.journal.close()
         for sock in (self.front, self.back, self.telemetry, self.events):
             sock.close(0)

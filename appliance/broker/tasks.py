@@ -80,6 +80,10 @@ class TaskTable:
         self._arrivals: list[int] = []                       # queued handles, oldest first; pruned lazily
         self.next_seq = 1
         self.ids = TaskIds()
+        # QUEUE_SCOPE=shared: sequence numbers come from the journal (unique over the boxes),
+        # and tasks left for any box to claim are kept here only until their commit.
+        self.shared = hasattr(journal, "claim")
+        self.fresh: dict[str, Task] = {}
 
     # ------------------------------------------------------------- recovery
     def recover(self, default_model: str) -> tuple[int, int, list[Task]]:
@@ -89,6 +93,8 @@ class TaskTable:
 
         Returns (live tasks, of them were running, tasks refused for lack of room)."""
         self.next_seq = self.journal.max_seq() + 1
+        if self.shared:
+            self.next_seq = self.journal.next_seq()
         was_running, refused = 0, []
         for seq, rec, spec, idem in self.journal.load_live():
             rec.model = rec.model or spec.model or default_model
@@ -110,18 +116,48 @@ class TaskTable:
     def room(self) -> int:
         return self.max_size - self.queued
 
-    def add(self, spec: P.TaskSpec, model: str, tenant: str, now: float, task_id: str | None = None,
-            idem: str | None = None, pin: str | None = None) -> Task:
-        """Queue a new task for `model` (the default already applied) and journal it (the
-        caller checked room)."""
-        seq = self.next_seq
+    def _seq(self) -> int:
+        if self.shared:
+            return self.journal.next_seq()
         self.next_seq += 1
+        return self.next_seq - 1
+
+    def add(self, spec: P.TaskSpec, model: str, tenant: str, now: float, task_id: str | None = None,
+            idem: str | None = None, pin: str | None = None, claimed: bool = True) -> Task:
+        """Queue a new task for `model` (the default already applied) and journal it (the
+        caller checked room). `claimed=False` (shared queue): journaled for any box to
+        claim, not queued here."""
         rec = P.TaskRecord(task_id=task_id or self.ids.next(), state="queued", type=spec.type,
                            priority=spec.priority, created_at=now, tenant=tenant, model=model, pin=pin)
-        task = self._track(Task(seq, rec, spec, deadline=now + spec.timeout_s, idem=idem))
+        task = Task(self._seq(), rec, spec, deadline=now + spec.timeout_s, idem=idem)
+        if not claimed:
+            self.fresh[rec.task_id] = task
+            if idem:
+                self.idem[idem] = rec.task_id
+                self._idem_release.append(idem)
+            self.journal.write(task.seq, rec, spec, idem, claimed=False)
+            return task
+        self._track(task)
         self._enqueue(task, now)
-        self.journal.write(seq, rec, spec, idem)
+        self.journal.write(task.seq, rec, spec, idem)
         return task
+
+    def adopt(self, seq: int, rec: P.TaskRecord, spec: P.TaskSpec, idem: str | None) -> Task | None:
+        """A task this box claimed from the shared queue joins its line (None: it holds it already).
+        Its record may say running: the box that ran it was lost; it runs again here."""
+        if rec.task_id in self.live:
+            return None
+        if rec.state == "running":
+            rec.state, rec.started_at, rec.worker = "queued", None, None
+        task = self._track(Task(seq, rec, spec, deadline=rec.created_at + spec.timeout_s, idem=idem))
+        self._enqueue(task, rec.created_at)
+        return task
+
+    def drop(self, task: Task) -> None:
+        """This box no longer holds the task (another box took it over): out of every live
+        view, nothing journaled (the row is not this box's to write any more)."""
+        self.forget([task.task_id])
+        self.journal.forget(task.task_id)
 
     def _track(self, task: Task) -> Task:
         self.live[task.task_id] = task
@@ -158,7 +194,7 @@ class TaskTable:
     def lookup(self, task_id: str, now: float | None = None) -> P.TaskRecord | None:
         """A task's record wherever it is: live, recently finished, or in the journal;
         None once its tombstone time has passed. A record past RESULT_TTL_S has no result."""
-        task = self.live.get(task_id)
+        task = self.live.get(task_id) or self.fresh.get(task_id)
         return task.record if task is not None else self.records.get(task_id, now)
 
     def position(self, task: Task) -> int:
@@ -271,6 +307,7 @@ class TaskTable:
     def commit(self) -> None:
         """Commit the journal (raises on failure), then forget released idempotency keys."""
         self.journal.commit()
+        self.fresh.clear()
         for idem in self._idem_release:
             self.idem.pop(idem, None)
         self._idem_release.clear()
@@ -278,6 +315,8 @@ class TaskTable:
     def forget(self, task_ids: list[str]) -> None:
         """Undo tasks whose journal commit failed: they were never acknowledged."""
         for task_id in task_ids:
+            if (fresh := self.fresh.pop(task_id, None)) is not None and fresh.idem:
+                self.idem.pop(fresh.idem, None)
             task = self.live.pop(task_id, None)
             if task is not None:
                 self.unqueue(task)

@@ -71,6 +71,8 @@ class WorkerSide:
                 continue
             self.table.unqueue(task)
             self.table.start(task, worker.name, task.record.started_at or wall)
+            if self.shared:
+                task.record.box = self.s.box_name
             worker.add(task_id, task.level)
             self.table.journal.write(task.seq, task.record)
         self.catalog.note(msg.model)
@@ -154,6 +156,9 @@ class WorkerSide:
                     self.table.put_back(task)
                     break
                 self.table.start(task, worker.name, now)
+                if self.shared:  # other boxes see it running here, and its attempts count
+                    task.record.box = self.s.box_name
+                    self.table.journal.write(task.seq, task.record)
                 self.pool.assign(worker, task.task_id, task.level)
                 self.book.dispatched(now - task.record.created_at)
                 metrics.DISPATCH.observe(max(0.0, now - task.record.created_at))

@@ -1,0 +1,206 @@
+"""The broker's side of the shared queue (QUEUE_SCOPE=shared; README "Several boxes").
+
+A mixin of the Broker (server.py). The broker stays the hot path for its own
+instances: it holds (claims) only as many tasks as its instances can start now, so
+the rest of the work stays in PostgreSQL for whichever box frees a slot first. The
+SQL is in store/shared_queue.py; here is when the broker uses it:
+- a submit is held here at once when this box has room for its model and no other
+  work of that model waits (a box on its own then costs no extra round trip);
+  otherwise it is journaled unclaimed and announced (NOTIFY appliance_queue);
+- claims run when a notification says work waits for a model this box serves, and
+  every CLAIM_POLL_S while it has room (a lost notification costs latency only);
+- every LEASE_S/3 the box renews its leases, publishes the models it serves, ends
+  the leases of boxes that stopped renewing, and lets go of tasks it no longer holds
+  (another box cancelled them, or its lease ran out while it was cut off): those are
+  aborted on its instances and never written again (the writes are fenced by box);
+- tasks of the RAG service and pinned tasks stay on the box that accepted them: each
+  box has its own document index and its own instances.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from .. import protocol as P
+from ..logs import exception_summary
+from . import metrics
+from ._pqueue import QueueFull
+from .routing import URGENT, claim_room
+
+log = logging.getLogger("appliance.broker")
+
+CLAIM_POLL_S = 2.0      # claim without a notification this often, while there is room
+PARTIAL_EVERY_S = 0.5   # text generated so far goes to the shared row this often (streams on other boxes)
+LOWEST = len(P.PRIORITIES) - 1
+
+
+class ClusterSide:
+    def _cluster_setup(self) -> None:
+        self.shared = self.table.shared
+        self._wake: set[str] = set()          # models some box announced work for
+        self._next_poll = self._next_tick = self._next_partial = self._retry_listen = 0.0
+        self._backlog = self._inserted = 0    # unclaimed tasks at the last tick, journaled since
+        self._cluster_models: set[str] = set()
+        self._boxes: list[str] = []
+        self._listen_fd: int | None = None
+        self._partial_seq: dict[str, int] = {}
+
+    # ------------------------------------------------------------- submits
+    def _hold_here(self, spec: P.TaskSpec, model: str, pin: str | None) -> bool:
+        """Whether a new task is held by this box at once (see the module's docstring)."""
+        if not self.shared or pin is not None or model == P.RAG_SERVICE:
+            return True
+        if model in self._wake:
+            return False
+        queue = self.table.queues.get(model)
+        low, urgent = claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
+        return low > 0 or (urgent > 0 and P.LEVEL[spec.priority] <= URGENT)
+
+    def _shared_room(self) -> int:
+        return self.s.queue_max_size - self._backlog - self._inserted - self.table.queued
+
+    def _known_model(self, model: str) -> bool:
+        return model in self.catalog.models or (self.shared and model in self._cluster_models)
+
+    # ------------------------------------------------------------- the loop's steps
+    def _cluster_listen(self, poller: zmq.Poller) -> None:
+        """(Re)open the listening connection when it is down; its socket joins the poller."""
+        if not self.shared or self.table.journal.listener is not None or time.monotonic() < self._retry_listen:
+            return
+        if self._listen_fd is not None:
+            poller.unregister(self._listen_fd)
+            self._listen_fd = None
+        try:
+            self._listen_fd = self.table.journal.listen()
+        except OSError as exc:
+            self._retry_listen = time.monotonic() + 1.0
+            if (news := self.table.journal.outage.failed(exc, what="listen")) is not None:
+                log.error("shared queue: cannot listen for notifications (%s); claiming every %gs meanwhile",
+                          news, CLAIM_POLL_S)
+            return
+        poller.register(self._listen_fd, zmq.POLLIN)
+        self._wake.update(self.pool.models())  # what was announced while deaf: look once
+
+    def _cluster_notices(self) -> None:
+        try:
+            notices = self.table.journal.notifications()
+        except OSError:
+            return  # the listener is closed; _cluster_listen opens it again
+        for channel, payload in notices:
+            what, _, arg = payload.partition(" ")
+            if channel == "appliance_queue":
+                self._wake.add(what)
+            elif what == "cancel":
+                self._let_go(arg, "cancelled through another box")
+            elif what == "final":
+                self._remote_final(arg)
+
+    def _remote_final(self, task_id: str) -> None:
+        """A task accepted here ended on another box: followers here hear it now."""
+        try:
+            rec = self.table.journal.get(task_id)
+        except OSError:
+            return  # followers ask again within a second
+        if rec is not None and rec.state in P.FINAL_STATES:
+            self.events.send_multipart([task_id.encode(), P.encode(P.Final(rec))])
+
+    def _let_go(self, task_id: str, why: str) -> None:
+        task = self.table.get(task_id)
+        if task is None:
+            return
+        if task.record.state == "running":
+            self._abort_running(task, "cancelled")
+        self.table.drop(task)
+        self._partial_seq.pop(task_id, None)
+        log.info("task %s: no longer held by this box (%s)", task_id, why)
+        self._requeued(task, why)
+
+    def _cluster_claim(self) -> None:
+        if not self.shared or self.draining:
+            return
+        now = time.monotonic()
+        poll = now >= self._next_poll
+        if poll:
+            self._next_poll = now + CLAIM_POLL_S
+        journal = self.table.journal
+        for model in self.pool.models():
+            if model == P.RAG_SERVICE or not (poll or model in self._wake):
+                continue
+            queue = self.table.queues.get(model)
+            low, urgent = claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
+            if not low and not urgent:
+                continue
+            try:
+                got = journal.claim(model, low, LOWEST) if low else []
+                if urgent:
+                    got += journal.claim(model, urgent, URGENT)
+            except OSError as exc:
+                if (news := journal.outage.failed(exc, what="claim")) is not None:
+                    log.error("shared queue: claiming failed (%s); retrying", news)
+                return
+            if len(got) < low + urgent:
+                self._wake.discard(model)  # nothing more waits (or another box was quicker)
+            self._adopt(got)
+
+    def _adopt(self, claimed) -> None:
+        for c in claimed:
+            try:
+                self.table.adopt(c.seq, c.record, c.spec, c.idem)
+            except QueueFull:  # QUEUE_MAX_SIZE here is smaller than what this box was given: its lease ends it
+                log.warning("task %s claimed but the local queue is full; its lease will return it", c.record.task_id)
+                continue
+            metrics.CLAIMED.inc()
+
+    def _cluster_tick(self) -> None:
+        """Leases, membership, expired boxes, overdue tasks, text so far (see the module's docstring)."""
+        if not self.shared:
+            return
+        now = time.monotonic()
+        journal = self.table.journal
+        if now >= self._next_partial:
+            self._next_partial = now + PARTIAL_EVERY_S
+            self._write_partials()
+        if now < self._next_tick or journal.pending:
+            return
+        self._next_tick = now + self.s.lease_s / 3
+        served = [m for m in self.pool.models() if m != P.RAG_SERVICE]
+        try:
+            tick = journal.tick(served)
+            overdue = journal.claim_overdue(time.time())
+        except OSError as exc:
+            if (news := journal.outage.failed(exc, what="lease")) is not None:
+                log.error("shared queue: renewing leases failed (%s); this box's tasks return to the queue if "
+                          "that lasts %gs", news, self.s.lease_s)
+            return
+        self._backlog, self._inserted = tick.backlog, 0
+        self._cluster_models, self._boxes = tick.models, sorted(tick.boxes)
+        for box, n in tick.expired.items():
+            metrics.LEASES_EXPIRED.inc(n)
+            log.warning("shared queue: box %s stopped renewing its leases; its %d tasks return to the queue", box, n)
+        for task_id in [t for t in self.table.live if t not in tick.held]:
+            self._let_go(task_id, "its lease ran out")
+        self._adopt(overdue)
+
+    def _write_partials(self) -> None:
+        sent = self._partial_seq
+        for task_id in list(sent):
+            if task_id not in self.table.live:
+                del sent[task_id]
+        for task in self.table.live.values():
+            if task.record.state == "running" and task.tokens_seq > sent.get(task.task_id, 0):
+                self.table.journal.write_partial(task.task_id, "".join(task.text), task.tokens_seq)
+                sent[task.task_id] = task.tokens_seq
+
+    def _cluster_release(self) -> None:
+        if not self.shared:
+            return
+        try:
+            n = self.table.journal.release()
+        except OSError as exc:
+            log.error("shared queue: could not hand back queued tasks at stop (%s); their lease returns them",
+                      exception_summary(exc))
+            return
+        if n:
+            log.info("shared queue: %d queued tasks handed back for the other boxes", n)
