@@ -54,7 +54,7 @@ class Appliance:
         self.bin = bin_dir
         self.command = command or [str(bin_dir / "appliance"), "up"]
         self.port = int(env["API_PORT"])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{env.get('API_HOST', '127.0.0.1')}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self._settings = None
 
@@ -99,10 +99,12 @@ class Appliance:
         )
 
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=10, **self._headers(kw))
+        kw.setdefault("timeout", 10)
+        return requests.get(self.url + path, **self._headers(kw))
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=10, **self._headers(kw))
+        kw.setdefault("timeout", 10)
+        return requests.post(self.url + path, **self._headers(kw))
 
     def request(self, method: str, path: str, **kw) -> requests.Response:
         return requests.request(method, self.url + path, timeout=10, **self._headers(kw))
@@ -129,9 +131,11 @@ class Appliance:
         return "\n".join(out)
 
     def pids(self) -> list[int]:
-        """Pids of every process in supervisord's session (itself and all children)."""
-        out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-        return [int(p) for p, sid in (line.split() for line in out.splitlines()) if int(sid) == self.proc.pid]
+        """Pids of every live process in supervisord's session (itself and all children);
+        zombies (killed, not yet reaped) are not processes that outlived anything."""
+        out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True).stdout
+        return [int(p) for p, sid, stat in (line.split() for line in out.splitlines())
+                if int(sid) == self.proc.pid and not stat.startswith("Z")]
 
     def stop(self) -> None:
         if self.proc is None:

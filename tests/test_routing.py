@@ -176,3 +176,21 @@ def test_an_instance_never_takes_the_api_s_port(tmp_path):
     inst = msgspec.structs.replace(instances.load(s)[0], port=api)  # configured on it, or a kernel's pick
     assert port_for(s, inst) != api
     assert all(free_port(avoid=frozenset({p})) != p for p in (free_port() for _ in range(20)))
+
+
+def test_claim_room_counts_what_the_instances_can_start_now():
+    from appliance.broker.routing import Candidate, Gpu, claim_room
+
+    def inst(name, free, slots=4, reserved=1, low_running=0, gpu=-1):
+        return Candidate(name, free=free, slots=slots, running=slots - free, low_running=low_running,
+                         reserved=reserved, gpu=gpu)
+    # 4 slots, 1 reserved, nothing running: 3 for any work, 1 more for urgent work
+    assert claim_room([inst("a", 4)], {}, queued=0) == (3, 1)
+    # tasks it holds already count against the room
+    assert claim_room([inst("a", 4)], {}, queued=2) == (1, 1)
+    assert claim_room([inst("a", 4)], {}, queued=5) == (0, 0)
+    # low work running fills the open slots: only the reserved one is left
+    assert claim_room([inst("a", 1, low_running=3)], {}, queued=0) == (0, 1)
+    # a throttled GPU takes nothing; two instances add up
+    assert claim_room([inst("a", 4, gpu=0), inst("b", 2, slots=2, reserved=0)], {0: Gpu(throttled=True)},
+                      queued=0) == (2, 0)

@@ -204,3 +204,20 @@ def test_an_idempotency_key_holds_across_boxes(boxes):
     second = cb.recv()
     assert isinstance(first, P.Accepted) and isinstance(second, P.Accepted)
     assert first.task_id == second.task_id
+
+
+def test_a_box_claims_as_many_tasks_as_it_has_free_slots_in_one_go(boxes):
+    a, b = boxes("a"), boxes("b")
+    ca = a.client()  # box a serves nothing
+    ids = {submit(ca, i) for i in range(5)}
+    wb = b.worker("wb", slots=3)
+    got = {dispatched(wb).task_id for _ in range(3)}  # one tenant, three tasks: one claim
+    assert got <= ids and len(got) == 3
+    assert wb.recv_not(P.Heartbeat, timeout=0.5) is None  # no more than its slots
+    assert stats_of(b).shared_queued in (2, 5)  # 2 once b's renewal counted again (5 before it)
+
+
+def stats_of(running: Running) -> P.Stats:
+    c = running.client()
+    c.send(P.GetStats(1))
+    return c.recv()

@@ -59,6 +59,9 @@ class TaskStatus(Struct, omit_defaults=True):
     worker: str | None = None
     error: P.TaskError | None = None
     result_expired: bool = False
+    model: str = ""
+    attempts: int = 0            # times it was dispatched (2: it ran again after its instance or box was lost)
+    box: str | None = None       # the box it runs or ran on (several boxes on one queue)
     position: int | None = None
     text_so_far: str | None = None
 
@@ -109,6 +112,9 @@ class StatsBody(Struct):
     replies_deferred: int
     replies_undeliverable: int
     workers_dropped: int
+    box: str = ""              # several boxes on one queue: this box's name
+    boxes: list[str] = []      # the boxes that renewed their leases lately
+    shared_queued: int = 0     # tasks in the shared queue that no box holds yet
 
 
 class InstanceRestarted(Struct):

@@ -25,6 +25,7 @@ import zmq
 
 from .. import protocol as P
 from ..logs import exception_summary
+from ..store.journal import Outage
 from . import metrics
 from ._pqueue import QueueFull
 from .routing import URGENT, claim_room
@@ -32,6 +33,7 @@ from .routing import URGENT, claim_room
 log = logging.getLogger("appliance.broker")
 
 CLAIM_POLL_S = 2.0      # claim without a notification this often, while there is room
+RETRY_S = 1.0           # after a failed claim or renewal, the shared queue is left alone this long
 PARTIAL_EVERY_S = 0.5   # text generated so far goes to the shared row this often (streams on other boxes)
 LOWEST = len(P.PRIORITIES) - 1
 
@@ -46,6 +48,22 @@ class ClusterSide:
         self._boxes: list[str] = []
         self._listen_fd: int | None = None
         self._partial_seq: dict[str, int] = {}
+        # Failed claims, renewals, listens: their own episodes, apart from the journal's
+        # (whose end means "submits are accepted again"), told once per cause.
+        self.cluster_outage = Outage()
+        self._retry_at = 0.0
+
+    def _cluster_failed(self, exc: OSError, what: str, message: str) -> None:
+        self._retry_at = time.monotonic() + RETRY_S
+        if (news := self.cluster_outage.failed(exc, what=what)) is not None:
+            log.error(message, news)
+
+    def _cluster_ok(self) -> None:
+        if (ended := self.cluster_outage.ended()) is not None:
+            log.warning("shared queue: PostgreSQL answers again after %.1fs", ended[1])
+
+    def _cluster_paused(self) -> bool:
+        return time.monotonic() < self._retry_at
 
     # ------------------------------------------------------------- submits
     def _hold_here(self, spec: P.TaskSpec, model: str, pin: str | None) -> bool:
@@ -75,10 +93,9 @@ class ClusterSide:
         try:
             self._listen_fd = self.table.journal.listen()
         except OSError as exc:
-            self._retry_listen = time.monotonic() + 1.0
-            if (news := self.table.journal.outage.failed(exc, what="listen")) is not None:
-                log.error("shared queue: cannot listen for notifications (%s); claiming every %gs meanwhile",
-                          news, CLAIM_POLL_S)
+            self._retry_listen = time.monotonic() + RETRY_S
+            self._cluster_failed(exc, "listen", "shared queue: cannot listen for notifications (%s); claiming "
+                                 f"every {CLAIM_POLL_S:g}s meanwhile")
             return
         poller.register(self._listen_fd, zmq.POLLIN)
         self._wake.update(self.pool.models())  # what was announced while deaf: look once
@@ -118,7 +135,7 @@ class ClusterSide:
         self._requeued(task, why)
 
     def _cluster_claim(self) -> None:
-        if not self.shared or self.draining:
+        if not self.shared or self.draining or self._cluster_paused():
             return
         now = time.monotonic()
         poll = now >= self._next_poll
@@ -134,14 +151,14 @@ class ClusterSide:
                 continue
             try:
                 got = journal.claim(model, low, LOWEST) if low else []
-                if urgent:
+                if low and len(got) < low:
+                    self._wake.discard(model)  # nothing more waits (or another box was quicker)
+                if urgent:  # reserved slots: urgent work only (normal work may still wait: the hint stays)
                     got += journal.claim(model, urgent, URGENT)
             except OSError as exc:
-                if (news := journal.outage.failed(exc, what="claim")) is not None:
-                    log.error("shared queue: claiming failed (%s); retrying", news)
+                self._cluster_failed(exc, "claim", "shared queue: claiming failed (%s); retrying")
                 return
-            if len(got) < low + urgent:
-                self._wake.discard(model)  # nothing more waits (or another box was quicker)
+            self._cluster_ok()
             self._adopt(got)
 
     def _adopt(self, claimed) -> None:
@@ -162,7 +179,7 @@ class ClusterSide:
         if now >= self._next_partial:
             self._next_partial = now + PARTIAL_EVERY_S
             self._write_partials()
-        if now < self._next_tick or journal.pending:
+        if now < self._next_tick or journal.pending or self._cluster_paused():
             return
         self._next_tick = now + self.s.lease_s / 3
         served = [m for m in self.pool.models() if m != P.RAG_SERVICE]
@@ -170,10 +187,10 @@ class ClusterSide:
             tick = journal.tick(served)
             overdue = journal.claim_overdue(time.time())
         except OSError as exc:
-            if (news := journal.outage.failed(exc, what="lease")) is not None:
-                log.error("shared queue: renewing leases failed (%s); this box's tasks return to the queue if "
-                          "that lasts %gs", news, self.s.lease_s)
+            self._cluster_failed(exc, "lease", "shared queue: renewing leases failed (%s); this box's tasks "
+                                 f"return to the queue if that lasts {self.s.lease_s:g}s")
             return
+        self._cluster_ok()
         self._backlog, self._inserted = tick.backlog, 0
         self._cluster_models, self._boxes = tick.models, sorted(tick.boxes)
         for box, n in tick.expired.items():

@@ -93,7 +93,7 @@ WITH cand AS (
   FROM pick WHERE tasks.task_id = pick.task_id
   RETURNING tasks.seq, tasks.record, tasks.spec, tasks.idem, tasks.origin, tasks.tenant
 ), turns AS (
-  INSERT INTO tenant_turns (tenant, served_at) SELECT DISTINCT tenant, clock_timestamp() FROM claimed
+  INSERT INTO tenant_turns (tenant, served_at) SELECT tenant, now() FROM (SELECT DISTINCT tenant FROM claimed) d
   ON CONFLICT (tenant) DO UPDATE SET served_at = EXCLUDED.served_at
 )
 SELECT seq, record, spec, idem, origin FROM claimed
