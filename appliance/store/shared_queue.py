@@ -22,7 +22,10 @@ The rows are the journal's (pg_journal.py) plus the columns of the shared queue:
 Claim order: priority aged by waiting time (level - waited/QUEUE_AGING_S, rounded
 down), then the tenants' turns: within one claim each tenant's first task, then each
 one's second...; between claims, the tenant served longest ago first (`tenant_turns`
-remembers when each tenant was last served, by any box), then arrival. Notifications: `appliance_queue` (payload: model, level) when unclaimed
+remembers when each tenant was last served, by any box), then arrival. Arrival is
+`enq`, the server's time of the insert, never `seq`: sequence numbers come in blocks
+per box (SEQ_BLOCK), so by `seq` one box's tasks would always go first (measured: a
+task accepted by the second of two boxes waited up to 31 s behind newer ones). Notifications: `appliance_queue` (payload: model, level) when unclaimed
 work appears; a box's own channel `appliance_box_<name>` for `cancel <id>` (another box
 took its task over to cancel it) and `final <id>` (a task it accepted ended elsewhere).
 A notification is a hint: a box also claims every CLAIM_POLL_S when it has room, so a
@@ -57,7 +60,7 @@ _SETUP = [
     " ADD COLUMN IF NOT EXISTS tenant text, ADD COLUMN IF NOT EXISTS enq timestamptz DEFAULT now(),"
     " ADD COLUMN IF NOT EXISTS deadline double precision, ADD COLUMN IF NOT EXISTS origin text,"
     " ADD COLUMN IF NOT EXISTS partial text, ADD COLUMN IF NOT EXISTS partial_seq integer",
-    "CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks(model, level, seq) WHERE box IS NULL AND NOT final",
+    "CREATE INDEX IF NOT EXISTS tasks_claimable ON tasks(model, level, enq) WHERE box IS NULL AND NOT final",
     "CREATE INDEX IF NOT EXISTS tasks_held ON tasks(box) WHERE box IS NOT NULL AND NOT final",
     "CREATE INDEX IF NOT EXISTS tasks_deadline ON tasks(deadline) WHERE box IS NULL AND NOT final",
     "CREATE TABLE IF NOT EXISTS tenant_turns (tenant text PRIMARY KEY, served_at timestamptz NOT NULL)",
@@ -77,16 +80,16 @@ WITH cand AS (
   FROM generate_series(0, %(max_level)s) AS l(level),
   LATERAL (SELECT task_id, level, tenant, seq, enq FROM tasks
            WHERE box IS NULL AND NOT final AND model = %(model)s AND level = l.level
-           ORDER BY seq LIMIT %(candidates)s) c
+           ORDER BY enq LIMIT %(candidates)s) c
 ), ranked AS (
-  SELECT task_id, seq, served_at,
+  SELECT task_id, seq, enq, served_at,
          floor(level - CASE WHEN %(aging)s > 0 THEN extract(epoch FROM now() - enq) / %(aging)s ELSE 0 END) AS eff,
-         row_number() OVER (PARTITION BY level, tenant ORDER BY seq) AS turn
+         row_number() OVER (PARTITION BY level, tenant ORDER BY enq, seq) AS turn
   FROM cand LEFT JOIN tenant_turns USING (tenant)
 ), pick AS (
   SELECT t.task_id FROM tasks t JOIN ranked r USING (task_id)
   WHERE t.box IS NULL AND NOT t.final
-  ORDER BY r.eff, r.turn, r.served_at NULLS FIRST, r.seq LIMIT %(n)s
+  ORDER BY r.eff, r.turn, r.served_at NULLS FIRST, r.enq, r.seq LIMIT %(n)s
   FOR UPDATE OF t SKIP LOCKED
 ), claimed AS (
   UPDATE tasks SET box = %(box)s, lease_until = now() + make_interval(secs => %(lease)s)
