@@ -1,6 +1,6 @@
 """Several boxes on one shared queue (QUEUE_SCOPE=shared): what the shared queue costs and what it scales.
 
-    .venv/bin/python loadtest/bench_boxes.py                       # both parts, boxes 1,2,3
+    .venv/bin/python loadtest/bench_boxes.py                       # all three parts, boxes 1,2,3
     .venv/bin/python loadtest/bench_boxes.py --parts 1 --boxes 1,2 --n 2000
     .venv/bin/python loadtest/bench_boxes.py --parts 2 --boxes 1,2 --n 16
     .venv/bin/python loadtest/bench_boxes.py --database-url postgresql://u:p@127.0.0.1/scratch
@@ -41,6 +41,10 @@ boxes, tenant_turns, the sequence task_seq) before each configuration.
    thread, so on a 2-core machine two boxes can each have a core (minus the brokers',
    APIs' and this client's CPU), but a third box only shares them: the scaling from
    k=2 to k=3 cannot show on such a machine. The report prints os.cpu_count().
+3. Capacity-bound tasks that do not use this machine's cores: part 1's brokers, each
+   with one stub instance of 1 slot that takes --service-ms per task (a sleep: what a
+   GPU-bound instance costs the CPU). --n tasks (default 600), 8 per box in flight:
+   how the shared queue itself scales from 1 to k boxes when the work is the limit.
 
 Every wait is bounded (part 1: --stall-s without progress; part 2: --model-stall-s
 without a completed task, --bound-s for a configuration's tasks, 90 s for an appliance
@@ -216,26 +220,26 @@ def pump_many(brokers: list[BrokerProcess], n: int, window: int, phase: str) -> 
 
 
 def noop_config(label: str, k: int, n: int, window: int, env: dict[str, str], shared: bool,
-                records) -> list[str]:
-    """One configuration of part 1: k brokers with a stub worker each; its table row."""
+                records, slots: int = 64, service_ms: float = 0, part: int = 1) -> list[str]:
+    """One configuration of part 1 (or 3): k brokers with a stub worker each; its table row."""
     brokers: list[BrokerProcess] = []
     workers: list[subprocess.Popen] = []
-    print(f"{at()} part 1: {label}, {n} no-op tasks, {window} submits in flight", flush=True)
+    print(f"{at()} part {part}: {label}, {n} tasks of {service_ms:g} ms, {window} submits in flight", flush=True)
     try:
         for i in range(k):
             box_env = {**env, "BOX_NAME": f"box{i + 1}", "QUEUE_SCOPE": "shared"} if shared else env
             brokers.append(BrokerProcess(QUEUE_MAX_SIZE=500_000, **box_env))
-            workers.append(start_worker(brokers[-1].back, 64, 0, brokers[-1].home / "w.json"))
+            workers.append(start_worker(brokers[-1].back, slots, service_ms, brokers[-1].home / "w.json"))
         for i, (b, w) in enumerate(zip(brokers, workers)):
-            wait_for_worker(b, w, f"part 1, {label}, box{i + 1}")
+            wait_for_worker(b, w, f"part {part}, {label}, box{i + 1}")
         if shared:  # every box has renewed its lease once (membership), so that all are in
             deadline = time.monotonic() + max(30.0, bench_broker.STALL_S)
             while len(seen := brokers[0].stats().boxes) < k:
                 if time.monotonic() > deadline:
-                    raise BenchTimeout(f"part 1, {label}: box1 sees only {seen} of {k} boxes after "
+                    raise BenchTimeout(f"part {part}, {label}: box1 sees only {seen} of {k} boxes after "
                                        f"{max(30.0, bench_broker.STALL_S):.0f} s")
                 time.sleep(0.2)
-        secs, sent_at, task_of = pump_many(brokers, n, window, f"part 1, {label}")
+        secs, sent_at, task_of = pump_many(brokers, n, window, f"part {part}, {label}")
         ran = [b.stats().finished.get("completed", 0) for b in brokers]
         recs = records(brokers)
     finally:
@@ -254,7 +258,7 @@ def noop_config(label: str, k: int, n: int, window: int, env: dict[str, str], sh
         boxes.append(r.box)
         reruns += r.attempts > 1
     if missing:
-        raise BenchError(f"part 1, {label}: {missing} of {n} tasks not completed in the journal "
+        raise BenchError(f"part {part}, {label}: {missing} of {n} tasks not completed in the journal "
                          f"although the brokers counted them")
     where = per_box(boxes) if shared else "-"
     return [label, f"{n}", f"{n / secs:,.0f}", f"{pct(lat, 50):.0f}", f"{pct(lat, 95):.0f}", where,
@@ -288,6 +292,34 @@ def part1(dbs: Databases, box_counts: list[int], n: int, window: int) -> list[st
           ["configuration", "tasks", "tasks/s", "submit->completed p50 ms", "p95 ms", "ran (records' box)",
            "completed per broker (stats)", "attempts>1"], rows)
     print("(latency includes the wait behind the window: about window / throughput)")
+    return failures
+
+
+def part3(dbs: Databases, box_counts: list[int], n: int, service_ms: float) -> list[str]:
+    """Capacity-bound work that does not share the CPU: each box's stub worker serves one
+    task at a time in `service_ms` (a sleep, as an instance whose work is on its own GPU
+    costs this machine's cores nothing). What the shared queue itself scales to, apart
+    from this machine's cores, which part 2's boxes must share."""
+    rows, failures, base = [], [], None
+    window = 8 * max(box_counts)
+    for k in box_counts:
+        url = dbs.fresh()
+        label = f"shared queue, {k} box{'es' if k > 1 else ''}"
+        try:
+            row = noop_config(label, k, n, window, {"DATABASE_URL": url}, True, lambda _b, url=url: pg_records(url),
+                              slots=1, service_ms=service_ms, part=3)
+        except (BenchTimeout, BenchError) as exc:
+            print(f"{at()} FAILED: {exc}", flush=True)
+            failures.append(str(exc))
+            rows.append([label, f"{n}", "FAILED", "-", "-", "-", "-", "-", "-"])
+            continue
+        rate = float(row[2].replace(",", ""))
+        base = base or rate
+        rows.append(row[:3] + [f"{rate / base:.2f}x"] + row[3:])
+    table(f"3. tasks of {service_ms:g} ms on k boxes (one stub instance with 1 slot each, sleeping, not computing), "
+          f"{window} submits in flight in all, round robin; PostgreSQL: {dbs.where()}",
+          ["configuration", "tasks", "tasks/s", "vs 1 box", "submit->completed p50 ms", "p95 ms",
+           "ran (records' box)", "completed per broker (stats)", "attempts>1"], rows)
     return failures
 
 
@@ -618,13 +650,14 @@ def part2(dbs: Databases, box_counts: list[int], n: int, inflight: int, max_toke
 # ------------------------------------------------------------------ main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="1,2")
+    ap.add_argument("--parts", default="1,2,3")
     ap.add_argument("--boxes", default="1,2,3", help="box counts to run, e.g. 1,2")
     ap.add_argument("--n", type=int, default=None,
                     help="tasks per configuration (default: 20000 in part 1, 48 in part 2)")
     ap.add_argument("--window", type=int, default=1000, help="part 1: unacknowledged submits in flight, in all")
     ap.add_argument("--inflight", type=int, default=4, help="part 2: tasks in flight per box (its slots: 2)")
     ap.add_argument("--max-tokens", type=int, default=256, help="part 2: tokens each chat asks for")
+    ap.add_argument("--service-ms", type=float, default=50, help="part 3: each task's time on its instance")
     ap.add_argument("--n-layer", type=int, default=8, help="part 2: layers of the generated model (8: ~136 MB)")
     ap.add_argument("--bound-s", type=float, default=600, help="part 2: how long a configuration's tasks may take")
     ap.add_argument("--stall-s", type=float, default=bench_broker.STALL_S,
@@ -637,8 +670,8 @@ def main() -> int:
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
     box_counts = [int(k) for k in args.boxes.split(",")]
-    if not parts <= {1, 2} or not box_counts or min(box_counts) < 1:
-        ap.error("--parts takes 1 and/or 2, --boxes positive counts")
+    if not parts <= {1, 2, 3} or not box_counts or min(box_counts) < 1:
+        ap.error("--parts takes 1, 2 and/or 3, --boxes positive counts")
     bench_broker.STALL_S = args.stall_s
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally blocks stop what was started
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -653,6 +686,8 @@ def main() -> int:
             if 2 in parts:
                 failures += part2(dbs, box_counts, args.n or 48, args.inflight, args.max_tokens, args.n_layer,
                                   args.bound_s, args.model_stall_s)
+            if 3 in parts:
+                failures += part3(dbs, box_counts, args.n or 600, args.service_ms)
     except RuntimeError as exc:  # BenchTimeout, BenchError, PostgreSQL that did not start
         failures.append(str(exc))
     finally:

@@ -235,20 +235,32 @@ class PostgresJournal:
         against a statement per row and one INSERT ... SELECT unnest(arrays) (2 cores,
         tasks/s at 64 and 512 a batch): 44k/55k, 7k/5k, 30k/17k. On failure: inserts
         dropped, updates kept."""
-        if not (self._inserts or self._updates):
+        if not self.pending:
             return
 
         def batch(conn: psycopg.Connection) -> None:
             with conn.transaction(), conn.cursor() as cur:
-                if self._inserts:
-                    cur.executemany(_INSERT, self._inserts)
-                if self._updates:
-                    cur.executemany(_UPDATE, list(self._updates.values()))
+                self._write_batch(cur)
         try:
             self._use(batch)
         except BaseException:
-            self._inserts.clear()
+            self._dropped()
             raise
+        self._written()
+
+    # the parts of a commit that the shared queue's journal extends (shared_queue.py)
+    _insert_sql, _update_sql = _INSERT, _UPDATE
+
+    def _write_batch(self, cur: psycopg.Cursor) -> None:
+        if self._inserts:
+            cur.executemany(self._insert_sql, self._inserts)
+        if self._updates:
+            cur.executemany(self._update_sql, list(self._updates.values()))
+
+    def _dropped(self) -> None:
+        self._inserts.clear()
+
+    def _written(self) -> None:
         self._inserts.clear()
         self._updates.clear()
 

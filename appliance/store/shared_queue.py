@@ -74,6 +74,10 @@ _UPDATE = ("UPDATE tasks SET state=%s, final=%s, finished_at=%s, record=%s, resu
 _PARTIAL = "UPDATE tasks SET partial=%s, partial_seq=%s WHERE task_id=%s AND box=%s AND NOT final"
 # Ranks the head of each level (CANDIDATES oldest) and locks what it takes, skipping rows
 # another box is locking at this moment: two boxes claiming at once take different tasks.
+# The lock is taken row by row down the ranked list (a nested loop over the materialized,
+# ordered CTE stops at the LIMIT): only the rows taken are locked. A join of `tasks` with
+# the ranking, locked after sorting, was planned as a nested loop with a join filter on a
+# young table's statistics: 66 ms a claim with 600 tasks waiting (EXPLAIN ANALYZE), 1 ms now.
 _CLAIM = """
 WITH cand AS (
   SELECT c.task_id, c.level, c.tenant, c.seq, c.enq
@@ -86,11 +90,13 @@ WITH cand AS (
          floor(level - CASE WHEN %(aging)s > 0 THEN extract(epoch FROM now() - enq) / %(aging)s ELSE 0 END) AS eff,
          row_number() OVER (PARTITION BY level, tenant ORDER BY enq, seq) AS turn
   FROM cand LEFT JOIN tenant_turns USING (tenant)
+), ordered AS MATERIALIZED (
+  SELECT task_id FROM ranked ORDER BY eff, turn, served_at NULLS FIRST, enq, seq
 ), pick AS (
-  SELECT t.task_id FROM tasks t JOIN ranked r USING (task_id)
-  WHERE t.box IS NULL AND NOT t.final
-  ORDER BY r.eff, r.turn, r.served_at NULLS FIRST, r.enq, r.seq LIMIT %(n)s
-  FOR UPDATE OF t SKIP LOCKED
+  SELECT l.task_id FROM ordered o CROSS JOIN LATERAL (
+    SELECT task_id FROM tasks t WHERE t.task_id = o.task_id AND t.box IS NULL AND NOT t.final
+    FOR UPDATE SKIP LOCKED) l
+  LIMIT %(n)s
 ), claimed AS (
   UPDATE tasks SET box = %(box)s, lease_until = now() + make_interval(secs => %(lease)s)
   FROM pick WHERE tasks.task_id = pick.task_id
@@ -226,39 +232,31 @@ class SharedJournal(PostgresJournal):
     def write_partial(self, task_id: str, text: str, seq: int) -> None:
         self._partials[task_id] = (text, seq, task_id, self.box)
 
-    def requeued(self, model: str, level: int) -> None:
-        """Tell the other boxes that work of `model` is waiting (sent with the next commit)."""
-        self._notices.add((QUEUE_CHANNEL, f"{model} {level}"))
-
     @property
     def pending(self) -> bool:
         return bool(self._inserts or self._updates or self._partials or self._notices)
 
-    def commit(self) -> None:
-        """The group commit, with the notifications it causes (delivered at COMMIT, so no box
-        hears of a task before it can claim it)."""
-        if not self.pending:
-            return
+    # The group commit (PostgresJournal.commit) carries the text so far and the
+    # notifications its rows cause: delivered at COMMIT, so no box hears of a task
+    # before it can claim it.
+    _insert_sql, _update_sql = _INSERT, _UPDATE
 
-        def batch(conn: psycopg.Connection) -> None:
-            with conn.transaction(), conn.cursor() as cur:
-                if self._inserts:
-                    cur.executemany(_INSERT, self._inserts)
-                if self._updates:
-                    cur.executemany(_UPDATE, list(self._updates.values()))
-                if self._partials:
-                    cur.executemany(_PARTIAL, list(self._partials.values()))
-                if self._notices:
-                    cur.executemany("SELECT pg_notify(%s, %s)", sorted(self._notices))
-        try:
-            self._use(batch)
-        except BaseException:
-            self._inserts.clear()
-            self._partials.clear()
-            self._notices = {n for n in self._notices if n[0] != QUEUE_CHANNEL}  # resent by the next requeue
-            raise
-        self._inserts.clear()
-        self._updates.clear()
+    def _write_batch(self, cur: psycopg.Cursor) -> None:
+        super()._write_batch(cur)
+        if self._partials:
+            cur.executemany(_PARTIAL, list(self._partials.values()))
+        if self._notices:
+            cur.executemany("SELECT pg_notify(%s, %s)", sorted(self._notices))
+
+    def _dropped(self) -> None:
+        """The inserts are gone (never acknowledged), and with them their announcements;
+        `final` notices stay with the updates they go with."""
+        super()._dropped()
+        self._partials.clear()
+        self._notices = {n for n in self._notices if n[0] != QUEUE_CHANNEL}
+
+    def _written(self) -> None:
+        super()._written()
         self._partials.clear()
         self._notices.clear()
 
