@@ -248,3 +248,15 @@ def test_claims_take_tasks_in_arrival_order_whichever_box_accepted_them(boxes):
         wc.send(P.Done(d.task_id, result=P.TaskResult(text="ok")))
         wc.send(P.Credit(1))
     assert ran == order
+
+
+def test_a_row_a_box_took_but_does_not_hold_in_memory_returns_to_the_queue(boxes, postgres_server, postgres_url):
+    """As after a failure between taking a row and holding its task: the box renews only
+    what it holds, so the row's lease runs out and another box runs the task."""
+    a, b = boxes("a"), boxes("b")
+    task_id = submit(a.client(), 1)  # no box has an instance: unclaimed
+    db = postgres_url.rsplit("/", 1)[1]
+    postgres_server.sql(f"UPDATE tasks SET box='a', lease_until=now() + interval '2 seconds' "
+                        f"WHERE task_id='{task_id}'", db)
+    wb = b.worker("wb", slots=1)
+    assert dispatched(wb, timeout=10).task_id == task_id

@@ -9,6 +9,7 @@ import time
 
 from .. import protocol as P
 from . import metrics
+from ._pqueue import QueueFull
 from .stats import HealthInput, health
 
 
@@ -110,7 +111,11 @@ class ClientSide:
             if claimed is None:
                 rec = self.table.lookup(msg.task_id) or rec
             else:
-                task = self.table.adopt(claimed.seq, claimed.record, claimed.spec, claimed.idem)
+                try:
+                    task = self.table.adopt(claimed.seq, claimed.record, claimed.spec, claimed.idem)
+                except QueueFull:  # not held in memory: its lease is not renewed, the row returns to the queue
+                    self._reply(identity, P.Refused(msg.req, "queue_full", "this box's queue is full; retry"))
+                    return
                 rec = task.record
         if rec is None:
             self._reply(identity, P.Refused(msg.req, "not_found", "no such task"))

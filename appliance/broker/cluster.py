@@ -184,7 +184,7 @@ class ClusterSide:
         self._next_tick = now + self.s.lease_s / 3
         served = [m for m in self.pool.models() if m != P.RAG_SERVICE]
         try:
-            tick = journal.tick(served)
+            tick = journal.tick(served, list(self.table.live))
             overdue = journal.claim_overdue(time.time())
         except OSError as exc:
             self._cluster_failed(exc, "lease", "shared queue: renewing leases failed (%s); this box's tasks "

@@ -301,15 +301,18 @@ class SharedJournal(PostgresJournal):
         row = self._use(run)
         return self._claimed([row])[0] if row is not None else None
 
-    def tick(self, models: list[str]) -> Tick:
-        """Renew this box's leases (one that ran out is lost, swept or not: a box cut off
-        for longer than LEASE_S may not carry on as if nothing happened), say which models it serves, end the leases of boxes
+    def tick(self, models: list[str], holding: list[str]) -> Tick:
+        """Renew the leases of the tasks this box `holding` in memory (one that ran out is
+        lost, swept or not: a box cut off for longer than LEASE_S may not carry on as if
+        nothing happened; a row this box took but does not hold in memory, after a failure
+        between the two, is left to expire and return to the queue), say which models it serves, end the leases of boxes
         that stopped renewing (their tasks go back to the queue), count the backlog."""
         def run(conn: psycopg.Connection) -> Tick:
             with conn.transaction():
                 held = {r[0] for r in conn.execute(
                     "UPDATE tasks SET lease_until = now() + make_interval(secs => %s) WHERE box=%s AND NOT final"
-                    " AND lease_until >= now() RETURNING task_id", (self.lease_s, self.box)).fetchall()}
+                    " AND lease_until >= now() AND task_id = ANY(%s) RETURNING task_id",
+                    (self.lease_s, self.box, holding)).fetchall()}
                 conn.execute("INSERT INTO boxes (name, models, seen) VALUES (%s, %s, now()) ON CONFLICT (name)"
                              " DO UPDATE SET models=EXCLUDED.models, seen=EXCLUDED.seen", (self.box, models))
                 tick = Tick(held)
