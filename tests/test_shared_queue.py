@@ -260,3 +260,38 @@ def test_a_row_a_box_took_but_does_not_hold_in_memory_returns_to_the_queue(boxes
                         f"WHERE task_id='{task_id}'", db)
     wb = b.worker("wb", slots=1)
     assert dispatched(wb, timeout=10).task_id == task_id
+
+
+def test_a_task_whose_box_has_no_instance_left_goes_to_another_box(boxes):
+    a, b = boxes("a"), boxes("b")
+    wa = a.worker("wa", slots=1)
+    registered(a)
+    task_id = submit(a.client(), 1)
+    assert dispatched(wa).task_id == task_id
+    wb = b.worker("wb", slots=1)
+    registered(b)
+    wa.send(P.Disconnect())  # box a's only instance of the model goes away mid-task
+    d = dispatched(wb)        # handed back at once: no lease to wait for
+    assert d.task_id == task_id
+    wb.send(P.Done(task_id, result=P.TaskResult(text="ok")))
+    cb = b.client()
+    wait_until(lambda: query(cb, task_id).state == "completed", 5, what="completed on b")
+    rec = query(cb, task_id)
+    assert rec.attempts == 2 and rec.box == "b"
+
+
+def test_a_task_that_lost_its_instance_on_two_boxes_fails_worker_lost(boxes):
+    a, b = boxes("a"), boxes("b")
+    wa = a.worker("wa", slots=1)
+    registered(a)
+    task_id = submit(a.client(), 1)
+    assert dispatched(wa).task_id == task_id
+    wb = b.worker("wb", slots=1)
+    registered(b)
+    wa.send(P.Disconnect())
+    assert dispatched(wb).task_id == task_id
+    wb.send(P.Disconnect())  # lost again, on the other box: not a third run
+    cb = b.client()
+    wait_until(lambda: query(cb, task_id).state == "failed", 5, what="failed")
+    rec = query(cb, task_id)
+    assert rec.error.code == "worker_lost" and rec.attempts == 2

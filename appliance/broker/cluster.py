@@ -13,6 +13,9 @@ SQL is in store/shared_queue.py; here is when the broker uses it:
   the leases of boxes that stopped renewing, and lets go of tasks it no longer holds
   (another box cancelled them, or its lease ran out while it was cut off): those are
   aborted on its instances and never written again (the writes are fenced by box);
+- a task whose instance was lost goes back to the shared queue when no instance of
+  its model is left on this box (else it waits in this box's line, avoiding the lost
+  instance); "lost twice, then failed" counts its runs on every box;
 - tasks of the RAG service and pinned tasks stay on the box that accepted them: each
   box has its own document index and its own instances.
 """
@@ -133,6 +136,18 @@ class ClusterSide:
         self._partial_seq.pop(task_id, None)
         log.info("task %s: no longer held by this box (%s)", task_id, why)
         self._requeued(task, why)
+
+    def _hand_back_if_stranded(self, task) -> None:
+        """A requeued task whose model has no instance left on this box goes back to the
+        shared queue, where a box that has one claims it, rather than waiting here for
+        this box's instance to restart (a real model takes a while to load)."""
+        rec = task.record
+        if not self.shared or rec.pin is not None or rec.model == P.RAG_SERVICE or self.pool.serving(rec.model):
+            return
+        self.table.drop(task)  # the requeue's buffered write gives way to the hand-back
+        self.table.journal.hand_back(rec)
+        log.info("task %s handed back to the shared queue: no instance of %s left on this box", rec.task_id,
+                 rec.model)
 
     def _cluster_claim(self) -> None:
         if not self.shared or self.draining or self._cluster_paused():

@@ -120,7 +120,11 @@ class WorkerSide:
             task = self.table.get(task_id)
             if task is None:
                 continue
-            if task.requeues >= MAX_REQUEUES:
+            # On a shared queue a task may have lost an instance on another box before: its
+            # runs (attempts, less preemptions) count those too.
+            lost_before = task.requeues >= MAX_REQUEUES or (
+                self.shared and task.record.attempts - task.record.preempted > MAX_REQUEUES)
+            if lost_before:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", f"worker {worker_name} lost twice"))
                 continue
             try:
@@ -129,6 +133,7 @@ class WorkerSide:
                 self._finish(task, "failed", error=P.TaskError("worker_lost", "requeue refused: queue full"))
                 continue
             self._requeued(task, f"its instance {worker_name} was lost")
+            self._hand_back_if_stranded(task)
 
     def _requeued(self, task: Task, reason: str) -> None:
         """Followers learn that the text streamed so far is void: the task starts over."""

@@ -71,6 +71,8 @@ _INSERT = ("INSERT INTO tasks (task_id, seq, state, final, finished_at, record, 
            " now() + make_interval(secs => %s)) ON CONFLICT (task_id) DO NOTHING")
 _UPDATE = ("UPDATE tasks SET state=%s, final=%s, finished_at=%s, record=%s, result=%s, partial=NULL"
            " WHERE task_id=%s AND box=%s")
+_HAND_BACK = ("UPDATE tasks SET state=%s, record=%s, box=NULL, lease_until=NULL, partial=NULL"
+              " WHERE task_id=%s AND box=%s")
 _PARTIAL = "UPDATE tasks SET partial=%s, partial_seq=%s WHERE task_id=%s AND box=%s AND NOT final"
 # Ranks the head of each level (CANDIDATES oldest) and locks what it takes, skipping rows
 # another box is locking at this moment: two boxes claiming at once take different tasks.
@@ -154,6 +156,7 @@ class SharedJournal(PostgresJournal):
             raise ValueError(f"box name {box!r}")
         self.box, self.lease_s, self.aging_s = box, lease_s, aging_s
         self._partials: dict[str, tuple] = {}
+        self._hand_backs: dict[str, tuple] = {}       # held tasks going back to the queue (kept until written)
         self._notices: set[tuple[str, str]] = set()   # (channel, payload), sent with the next commit
         self._origin: dict[str, str] = {}             # held task -> the box that accepted it
         self._seq_next = self._seq_end = 0
@@ -229,12 +232,20 @@ class SharedJournal(PostgresJournal):
             if origin is not None and origin != self.box:
                 self._notices.add((box_channel(origin), f"final {record.task_id}"))
 
+    def hand_back(self, record: TaskRecord) -> None:
+        """A queued task this box holds goes back to the shared queue (with the next commit)."""
+        rec, _ = SqliteJournal._split(record)
+        self._updates.pop(record.task_id, None)
+        self._hand_backs[record.task_id] = (record.state, rec, record.task_id, self.box)
+        self._origin.pop(record.task_id, None)
+        self._notices.add((QUEUE_CHANNEL, f"{record.model} {LEVEL[record.priority]}"))
+
     def write_partial(self, task_id: str, text: str, seq: int) -> None:
         self._partials[task_id] = (text, seq, task_id, self.box)
 
     @property
     def pending(self) -> bool:
-        return bool(self._inserts or self._updates or self._partials or self._notices)
+        return bool(self._inserts or self._updates or self._partials or self._notices or self._hand_backs)
 
     # The group commit (PostgresJournal.commit) carries the text so far and the
     # notifications its rows cause: delivered at COMMIT, so no box hears of a task
@@ -245,6 +256,8 @@ class SharedJournal(PostgresJournal):
         super()._write_batch(cur)
         if self._partials:
             cur.executemany(_PARTIAL, list(self._partials.values()))
+        if self._hand_backs:
+            cur.executemany(_HAND_BACK, list(self._hand_backs.values()))
         if self._notices:
             cur.executemany("SELECT pg_notify(%s, %s)", sorted(self._notices))
 
@@ -258,6 +271,7 @@ class SharedJournal(PostgresJournal):
     def _written(self) -> None:
         super()._written()
         self._partials.clear()
+        self._hand_backs.clear()
         self._notices.clear()
 
     # ------------------------------------------------------------- claims and leases
