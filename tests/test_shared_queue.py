@@ -295,3 +295,36 @@ def test_a_task_that_lost_its_instance_on_two_boxes_fails_worker_lost(boxes):
     wait_until(lambda: query(cb, task_id).state == "failed", 5, what="failed")
     rec = query(cb, task_id)
     assert rec.error.code == "worker_lost" and rec.attempts == 2
+
+
+def test_a_rag_task_let_go_by_its_box_is_claimed_back_by_that_box_only(boxes, postgres_server, postgres_url):
+    """Each box has its own document index: a RAG task runs on the box that accepted it,
+    also after that box lost its lease (it was down longer than LEASE_S)."""
+    a, b = boxes("a"), boxes("b")
+    ca = a.client()
+    ca.send(P.Submit(1, P.RagSearchTask(query="chest pain")))
+    reply = ca.recv()
+    assert isinstance(reply, P.Accepted), reply
+    db = postgres_url.rsplit("/", 1)[1]
+    assert row(postgres_server, postgres_url, reply.task_id) == ("a", "queued")  # held here: no RAG worker yet
+    postgres_server.sql("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE box = 'a'", db)
+    wait_until(lambda: row(postgres_server, postgres_url, reply.task_id)[0] is None, 10, what="swept")
+    rb = b.worker("rag-b", slots=2, model=P.RAG_SERVICE)
+    assert rb.recv_not(P.Heartbeat, timeout=3) is None  # not box b's to run
+    ra = a.worker("rag-a", slots=2, model=P.RAG_SERVICE)
+    assert dispatched(ra, timeout=5).task_id == reply.task_id
+
+
+def test_a_pinned_task_its_box_let_go_fails_rather_than_running_elsewhere(boxes, postgres_server, postgres_url):
+    a, b = boxes("a"), boxes("b")
+    ca = a.client()
+    ca.send(P.Submit(1, P.CompleteTask(prompt="x"), pin="llama-0"))  # a GPU benchmark pins an instance of a
+    reply = ca.recv()
+    assert isinstance(reply, P.Accepted), reply
+    db = postgres_url.rsplit("/", 1)[1]
+    postgres_server.sql("UPDATE tasks SET lease_until = now() - interval '1 second' WHERE box = 'a'", db)
+    wb = b.worker("wb", slots=1)
+    cb = b.client()
+    wait_until(lambda: query(cb, reply.task_id).state == "failed", 10, what="failed on b")
+    assert query(cb, reply.task_id).error.code == "worker_lost"
+    assert wb.recv_not(P.Heartbeat, timeout=0.3) is None

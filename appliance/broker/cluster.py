@@ -17,7 +17,8 @@ SQL is in store/shared_queue.py; here is when the broker uses it:
   its model is left on this box (else it waits in this box's line, avoiding the lost
   instance); "lost twice, then failed" counts its runs on every box;
 - tasks of the RAG service and pinned tasks stay on the box that accepted them: each
-  box has its own document index and its own instances.
+  box has its own document index and its own instances. A box claims back its own RAG
+  tasks that its lease let go (it was down longer than LEASE_S), never another's.
 """
 from __future__ import annotations
 
@@ -158,18 +159,19 @@ class ClusterSide:
             self._next_poll = now + CLAIM_POLL_S
         journal = self.table.journal
         for model in self.pool.models():
-            if model == P.RAG_SERVICE or not (poll or model in self._wake):
+            if not (poll or model in self._wake):
                 continue
+            own = model == P.RAG_SERVICE  # only its own: back after this box restarted past its leases
             queue = self.table.queues.get(model)
             low, urgent = claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
             if not low and not urgent:
                 continue
             try:
-                got = journal.claim(model, low, LOWEST) if low else []
+                got = journal.claim(model, low, LOWEST, own) if low else []
                 if low and len(got) < low:
                     self._wake.discard(model)  # nothing more waits (or another box was quicker)
                 if urgent:  # reserved slots: urgent work only (normal work may still wait: the hint stays)
-                    got += journal.claim(model, urgent, URGENT)
+                    got += journal.claim(model, urgent, URGENT, own)
             except OSError as exc:
                 self._cluster_failed(exc, "claim", "shared queue: claiming failed (%s); retrying")
                 return
@@ -179,11 +181,15 @@ class ClusterSide:
     def _adopt(self, claimed) -> None:
         for c in claimed:
             try:
-                self.table.adopt(c.seq, c.record, c.spec, c.idem)
+                task = self.table.adopt(c.seq, c.record, c.spec, c.idem)
             except QueueFull:  # QUEUE_MAX_SIZE here is smaller than what this box was given: its lease ends it
                 log.warning("task %s claimed but the local queue is full; its lease will return it", c.record.task_id)
                 continue
             metrics.CLAIMED.inc()
+            if task is not None and task.record.pin is not None and c.origin != self.s.box_name:
+                # pinned to an instance of the box that accepted it, which let it go (it was down)
+                self._finish(task, "failed", error=P.TaskError(
+                    "worker_lost", f"pinned to instance {task.record.pin} of box {c.origin}, which lost it"))
 
     def _cluster_tick(self) -> None:
         """Leases, membership, expired boxes, overdue tasks, text so far (see the module's docstring)."""
