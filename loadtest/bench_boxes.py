@@ -326,7 +326,7 @@ def part3(dbs: Databases, box_counts: list[int], n: int, service_ms: float) -> l
 # ------------------------------------------------------------------ part 2: whole appliances
 def _load_appliance():
     from bench_api import Appliance
-    from bench_routing import session_pids
+    from bench_routing import shut_down
 
     class Box(Appliance):
         """bench_api's Appliance as one box of the shared queue, with a bounded stop that
@@ -358,21 +358,7 @@ def _load_appliance():
 
         def stop(self) -> None:
             t0 = time.monotonic()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",
-                                str(self.home / "supervisord.conf"), "shutdown"], capture_output=True, timeout=60)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                print(f"[{self.name}] supervisord still running 60 s after shutdown: killing it", flush=True)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(10)
-            for pid in session_pids(self.proc.pid):  # anything supervisord did not reap
-                print(f"[{self.name}] killing leftover pid {pid}", flush=True)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            shut_down(self.home, self.proc, self.name)
             print(f"{at()} [{self.name}] stopped in {time.monotonic() - t0:.1f} s", flush=True)
             logs = self.home / "var" / "log"
             for f in sorted(logs.glob("*.log")):  # ERROR lines: evidence for the report

@@ -182,18 +182,7 @@ class RoutedAppliance(Appliance):
         is killed by pid. Says how long it took and which programs supervisord had to SIGKILL."""
         t0 = time.monotonic()
         try:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c",
-                                str(self.home / "supervisord.conf"), "shutdown"], capture_output=True, timeout=60)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                print(f"[{self.label}] supervisord still running 60 s after shutdown: killing it", flush=True)
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            for pid in session_pids(self.proc.pid):  # anything supervisord did not reap
-                print(f"[{self.label}] killing leftover pid {pid}", flush=True)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            shut_down(self.home, self.proc, self.label)
         finally:
             log = self.home / "var" / "log" / "supervisord.log"
             killed = [line.split("killing ")[1].split(" (")[0].strip("'") for line in
@@ -206,6 +195,26 @@ class RoutedAppliance(Appliance):
             with contextlib.suppress(OSError):
                 shutil.copytree(self.home / "var" / "log", dest)
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def shut_down(home: Path, proc: subprocess.Popen, label: str) -> None:
+    """supervisorctl shutdown, bounded; then anything left in the appliance's session is
+    killed by pid (bench_boxes stops its boxes with this too)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run([str(Path(sys.executable).parent / "supervisorctl"), "-c", str(home / "supervisord.conf"),
+                        "shutdown"], capture_output=True, timeout=60)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        print(f"[{label}] supervisord still running 60 s after shutdown: killing it", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    for pid in session_pids(proc.pid):  # anything supervisord did not reap
+        print(f"[{label}] killing leftover pid {pid}", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def session_pids(sid: int) -> list[int]:

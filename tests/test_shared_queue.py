@@ -262,7 +262,8 @@ def test_a_row_a_box_took_but_does_not_hold_in_memory_returns_to_the_queue(boxes
     assert dispatched(wb, timeout=10).task_id == task_id
 
 
-def test_a_task_whose_box_has_no_instance_left_goes_to_another_box(boxes):
+def lost_on_a(boxes) -> tuple[Running, Peer, str]:
+    """A task running on box a's only instance, which goes away mid-task: (b, b's worker, the task)."""
     a, b = boxes("a"), boxes("b")
     wa = a.worker("wa", slots=1)
     registered(a)
@@ -270,7 +271,12 @@ def test_a_task_whose_box_has_no_instance_left_goes_to_another_box(boxes):
     assert dispatched(wa).task_id == task_id
     wb = b.worker("wb", slots=1)
     registered(b)
-    wa.send(P.Disconnect())  # box a's only instance of the model goes away mid-task
+    wa.send(P.Disconnect())
+    return b, wb, task_id
+
+
+def test_a_task_whose_box_has_no_instance_left_goes_to_another_box(boxes):
+    b, wb, task_id = lost_on_a(boxes)
     d = dispatched(wb)        # handed back at once: no lease to wait for
     assert d.task_id == task_id
     wb.send(P.Done(task_id, result=P.TaskResult(text="ok")))
@@ -281,14 +287,7 @@ def test_a_task_whose_box_has_no_instance_left_goes_to_another_box(boxes):
 
 
 def test_a_task_that_lost_its_instance_on_two_boxes_fails_worker_lost(boxes):
-    a, b = boxes("a"), boxes("b")
-    wa = a.worker("wa", slots=1)
-    registered(a)
-    task_id = submit(a.client(), 1)
-    assert dispatched(wa).task_id == task_id
-    wb = b.worker("wb", slots=1)
-    registered(b)
-    wa.send(P.Disconnect())
+    b, wb, task_id = lost_on_a(boxes)
     assert dispatched(wb).task_id == task_id
     wb.send(P.Disconnect())  # lost again, on the other box: not a third run
     cb = b.client()

@@ -76,9 +76,13 @@ class ClusterSide:
             return True
         if model in self._wake:
             return False
-        queue = self.table.queues.get(model)
-        low, urgent = claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
+        low, urgent = self._room(model)
         return low > 0 or (urgent > 0 and P.LEVEL[spec.priority] <= URGENT)
+
+    def _room(self, model: str) -> tuple[int, int]:
+        """routing.claim_room for `model` on this box, less the tasks of it held here already."""
+        queue = self.table.queues.get(model)
+        return claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
 
     def _shared_room(self) -> int:
         return self.s.queue_max_size - self._backlog - self._inserted - self.table.queued
@@ -162,8 +166,7 @@ class ClusterSide:
             if not (poll or model in self._wake):
                 continue
             own = model == P.RAG_SERVICE  # only its own: back after this box restarted past its leases
-            queue = self.table.queues.get(model)
-            low, urgent = claim_room(self.pool.serving(model), self.pool.gpus, len(queue) if queue is not None else 0)
+            low, urgent = self._room(model)
             if not low and not urgent:
                 continue
             try:

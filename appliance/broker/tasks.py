@@ -92,9 +92,7 @@ class TaskTable:
         task's own model or the default.
 
         Returns (live tasks, of them were running, tasks refused for lack of room)."""
-        self.next_seq = self.journal.max_seq() + 1
-        if self.shared:
-            self.next_seq = self.journal.next_seq()
+        self.next_seq = self.journal.max_seq() + 1  # a shared journal hands out its own (TaskTable._seq)
         was_running, refused = 0, []
         for seq, rec, spec, idem in self.journal.load_live():
             rec.model = rec.model or spec.model or default_model

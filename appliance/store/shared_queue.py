@@ -191,7 +191,7 @@ class SharedJournal(PostgresJournal):
         return self._seq_next - 1
 
     def max_seq(self) -> int:
-        return 0  # sequence numbers come from next_seq
+        return 0  # not read: sequence numbers come from next_seq
 
     # ------------------------------------------------------------- reads
     def load_live(self) -> Iterator[tuple[int, TaskRecord, TaskSpec, str | None]]:
@@ -200,9 +200,10 @@ class SharedJournal(PostgresJournal):
             "SELECT seq, record, spec, idem, origin FROM tasks WHERE NOT final AND box=%s ORDER BY seq",
             (self.box,)).fetchall())
         for seq, rec, spec, idem, origin in rows:
+            record = _rec.decode(rec)
             if origin is not None:
-                self._origin[_rec.decode(rec).task_id] = origin
-            yield seq, _rec.decode(rec), _spec.decode(spec), bytes(idem).decode() if idem is not None else None
+                self._origin[record.task_id] = origin
+            yield seq, record, _spec.decode(spec), bytes(idem).decode() if idem is not None else None
 
     def progress(self, task_id: str) -> tuple[str, int]:
         """(text generated so far, its token sequence) of a task running on another box."""
