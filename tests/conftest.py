@@ -212,5 +212,6 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed:
         for value in item.funcargs.values():
-            if isinstance(value, Appliance):
-                rep.sections.append((f"appliance logs ({value.home})", value.logs()))
+            for app in value if isinstance(value, (list, tuple)) else (value,):  # `boxes` is a list
+                if isinstance(app, Appliance):
+                    rep.sections.append((f"appliance logs ({app.home})", app.logs()))

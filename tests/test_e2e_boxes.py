@@ -22,6 +22,13 @@ from test_e2e_api import sse_events
 
 LONG = {"type": "complete", "prompt": "the patient", "max_tokens": 3000}
 SHORT = {"type": "complete", "prompt": "the patient", "max_tokens": 8}
+# A task that runs about a second on the test model, every time: the tests' model makes
+# ~3,000 tokens/s and its random weights may end a completion at any token, so a
+# `complete` with max_tokens 400 was often over (~0.1 s) before a poll of ten statuses saw
+# it running (the kill test failed so in CI). The grammar forces 16 strings of 256 chars.
+STEADY = {"type": "extract", "messages": [{"role": "user", "content": "the patient"}], "max_tokens": 8000,
+          "json_schema": {"type": "array", "minItems": 16, "maxItems": 16,
+                          "items": {"type": "string", "minLength": 256, "maxLength": 256}}}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +145,7 @@ def test_postgres_restarted_mid_load_refuses_then_recovers_losing_nothing(boxes,
 
 def test_a_box_killed_mid_load_loses_nothing_and_reruns_only_what_it_was_running(boxes):
     a, b = boxes
-    ids = [submit(boxes[i % 2], {**SHORT, "max_tokens": 400}) for i in range(10)]
+    ids = [submit(boxes[i % 2], STEADY) for i in range(10)]
     running_on_a = wait_until(lambda: [t for t in ids if (status(a, t) or {}).get("box") == "a"
                                        and status(a, t)["state"] == "running"], 30, 0.02, "a task running on a")
     for _ in range(50):  # the whole box: supervisord, broker, launcher, API (and none restarted meanwhile)
