@@ -390,9 +390,7 @@ def start_boxes(Box, k: int, url: str, model: Path, verbose: bool) -> list:
             t0 = time.monotonic()
             boxes.append(Box(f"box{i + 1}", f"k{k}-box{i + 1}", verbose and i == 0, **LIFTED, QUEUE_SCOPE="shared",
                              BOX_NAME=f"box{i + 1}", DATABASE_URL=url, LLAMA_INSTANCES=1, LLAMA_THREADS=1,
-                             LLAMA_SLOTS=2, MODEL_PATH=str(model), API_WORKERS=1,
-                             # several whole appliances on 2 cores: a broker may answer late, not never
-                             BROKER_TIMEOUT_S=os.environ.get("BROKER_TIMEOUT_S", "5")))
+                             LLAMA_SLOTS=2, MODEL_PATH=str(model), API_WORKERS=1))
             b = boxes[-1]
 
             def instance_up(b=b):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,7 +187,8 @@ def chaos_home(tmp: Path) -> tuple[Path, dict]:
         f'reserved_slots = 0\nctx = 8192\nport = 0\n\n'
         f'[[instance]]\nname = "llama-1"\nmodel = "{model}"\nalias = "{MODELS[1]}"\nslots = 2\n'
         f'reserved_slots = 0\nctx = 8192\nport = 0\nengine = "external"\nserver_bin = "{shim}"\n')
-    env = appliance_env(home, DRAIN_GRACE_S="15", RATE_LIMITS="tasks:write=10000/s:10000,tasks:read=10000/s:10000")
+    # BROKER_TIMEOUT_S=1 (the default is 5): a 2 s freeze of the broker must show the 503 path
+    env = appliance_env(home, DRAIN_GRACE_S="15", BROKER_TIMEOUT_S="1", RATE_LIMITS="tasks:write=10000/s:10000,tasks:read=10000/s:10000")
     return home, env
 
 
@@ -245,7 +247,7 @@ class Chaos:
         reruns = []
         for task_id in ids:
             st = self.status(task_id)
-            assert st["state"] == "completed", (task_id, st)  # a failure would need its reason here
+            assert st["state"] == "completed", (task_id, st["state"], st.get("error"), st.get("attempts"), phase)
             if st.get("attempts", 0) > 1:
                 reruns.append(task_id)
         return len(ids), reruns
@@ -315,7 +317,7 @@ def new_pid(chaos: Chaos, program: str, old: int):
     return back
 
 
-# The API gives up on the broker after BROKER_TIMEOUT_S (1 s; 1.01 s measured on an idle
+# The API gives up on the broker after BROKER_TIMEOUT_S (1 s here; 1.01 s measured on an idle
 # box). Here two llama.cpp servers keep both cores busy, so the bound asserted is only
 # "never hangs"; the time measured goes in the report.
 ANSWER_BOUND_S = 5.0
@@ -423,11 +425,18 @@ def test_sigstop_then_sigcont_launcher(chaos):
     assert chaos.pid("llama:llama-0") == pid
 
 
+def stalls(chaos: Chaos) -> float:
+    """appliance_broker_loop_stalls_total, all phases."""
+    text = chaos.app.get("/metrics").text
+    return sum(float(n) for n in re.findall(r"^appliance_broker_loop_stalls_total\{[^}]*\} (\S+)$", text, re.M))
+
+
 def test_sigstop_then_sigcont_broker(chaos):
     """A frozen broker: the API answers 503 broker_unavailable within ~1 s meanwhile, and a
     submit it gave up on is dropped when the broker thaws (it never runs unseen)."""
     pid = chaos.pid("broker")
     expired = chaos.stats()["submits_expired"]
+    stalls_before = stalls(chaos)
 
     def inject():
         os.kill(pid, signal.SIGSTOP)
@@ -441,6 +450,9 @@ def test_sigstop_then_sigcont_broker(chaos):
     row = chaos.fault("SIGSTOP 2 s + SIGCONT broker", inject)
     assert row["re-run"] == 0 and chaos.pid("broker") == pid
     assert chaos.stats()["submits_expired"] > expired
+    # the broker counts the stall (the 2 s it was frozen, wherever SIGSTOP caught it) and says so
+    assert stalls(chaos) > stalls_before
+    assert "broker loop stalled" in (chaos.home / "var" / "log" / "broker.log").read_text()
 
 
 def test_drain_on_appliance_down_then_a_fresh_start(chaos):

@@ -128,14 +128,19 @@ def test_bad_input_crashed_nothing(appliance):
     assert "exited" not in log and "(terminated by" not in log, log
 
 
-def test_broker_down_is_503_quickly_then_recovers(appliance):
+def test_broker_down_is_503_within_the_timeout_then_recovers(appliance):
+    """A call waits BROKER_TIMEOUT_S (default 5 s: a broker restart costs latency, not
+    errors), then 503; the readiness probe says so within its own second."""
     assert appliance.ctl("stop", "broker").returncode == 0
     try:
         t0 = time.monotonic()
         r = appliance.post("/v1/async/submit", json=CHAT)
+        took = time.monotonic() - t0
         assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
-        assert time.monotonic() - t0 < 1.5
+        assert 4.9 < took < 6.0, took
+        t0 = time.monotonic()
         assert appliance.get("/readyz").status_code == 503
+        assert time.monotonic() - t0 < 1.5
         assert appliance.get("/healthz").status_code == 200
     finally:
         assert appliance.ctl("start", "broker").returncode == 0

@@ -216,12 +216,9 @@ def fuzzed(tmp_path_factory):
     synchronous OpenAI calls never wait behind minutes of its earlier work (they would end
     504/503, documented but 5xx); its rate limits are lifted, or its stateful phase would
     meet only 429s (the limits have tests of their own); its context is large enough for
-    the prompts the document allows. BROKER_TIMEOUT_S=5: under the fuzzer's load on 2
-    cores a broker reply once took over the default second (a rag search answered 503
-    broker_unavailable: documented, honest, but 5xx), as test_e2e_instances found for
-    two busy instances; the fuzzer is about input handling, not the broker's latency."""
+    the prompts the document allows."""
     with running_appliance(tmp_path_factory, TASK_TIMEOUT_MAX_S="10", MAX_TOKENS_LIMIT="64", MAX_BATCH="20",
-                           LLAMA_SLOTS="4", LLAMA_CTX="65536", MAX_PROMPT_CHARS="4000", BROKER_TIMEOUT_S="5",
+                           LLAMA_SLOTS="4", LLAMA_CTX="65536", MAX_PROMPT_CHARS="4000",
                            RATE_LIMITS="tasks:write=100000/s:100000,tasks:read=100000/s:100000") as app:
         yield app
 

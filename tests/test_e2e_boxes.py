@@ -39,8 +39,7 @@ def boxes(tmp_path_factory, postgres_server):
         for name, host in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
             home = make_home(tmp_path_factory.mktemp(f"box-{name}"))
             app = Appliance(home, appliance_env(home, DATABASE_URL=url, QUEUE_SCOPE="shared", BOX_NAME=name,
-                                                API_HOST=host, LEASE_S="4", LLAMA_SLOTS="1",
-                                                BROKER_TIMEOUT_S="5"))
+                                                API_HOST=host, LEASE_S="4", LLAMA_SLOTS="1"))
             app.start()
             started.append(app)
         for app in started:

@@ -32,6 +32,9 @@ class Healthz:
         json_response(resp, {"status": "ok"})
 
 
+READY_PING_S = 1.0  # a readiness probe answers within this, whatever BROKER_TIMEOUT_S is
+
+
 class Readyz:
     auth = OPS  # loopback callers, or a token (OPS_ENDPOINTS)
 
@@ -41,7 +44,7 @@ class Readyz:
     def on_get(self, req, resp):
         if lifecycle.state.draining:
             raise ApiError(503, "shutting_down", "this API worker is shutting down", headers={"Retry-After": "5"})
-        pong = self.api.broker().ping()
+        pong = self.api.broker().ping(timeout_s=min(READY_PING_S, self.api.s.broker_timeout_s))
         body = {"broker": "ok", "workers_ready": pong.workers_ready, "queued": pong.queued,
                 "running": pong.running, "gpu": pong.gpu_state, "rag": "ok" if pong.rag_ready else "starting"}
         if pong.draining:

@@ -54,6 +54,8 @@ REPLIES_UNDELIVERABLE = Counter("appliance_broker_replies_undeliverable_total", 
 FRAMES_DROPPED = Counter("appliance_broker_frames_dropped_total", "Malformed messages dropped, by socket",
                          ["socket"])
 SUBMITS_EXPIRED = Counter("appliance_broker_submits_expired_total", "Submits read after their caller gave up")
+LOOP_STALLS = Counter("appliance_broker_loop_stalls_total", "Broker loop iterations (or wake-ups) of 0.25 s or more, "
+                      "by where the time went (a phase of the loop, or 'not scheduled')", ["phase"])
 WORKERS_DROPPED = Counter("appliance_broker_workers_dropped_total", "Instances dropped for silence")
 
 

@@ -6,7 +6,10 @@ Each loop iteration drains every ready message without blocking, handing each to
 handler of its kind (clients.py, workers.py); then fires due timers (deadlines,
 result expiry), dispatches to workers with free slots, commits the journal once for
 the whole batch (group commit), and only then acknowledges the submits and cancels
-of that batch. Nothing here blocks except the poll.
+of that batch. Nothing here waits except the poll and the commit's fsync; an
+iteration that took 0.25 s or more is counted and logged with where its time went
+(stalls.py): on a busy disk the fsync is what stalls (seen here: 0.25-0.8 s commits
+while two llama.cpp servers kept both cores busy).
 
 The state lives in parts with no sockets: the task table (tasks.py), the worker pool
 with its routing (pool.py, routing.py), and the figures with the health rule
@@ -33,6 +36,7 @@ from .models import ModelCatalog
 from .outbox import Outbox
 from . import routing
 from .pool import WorkerPool
+from .stalls import LoopClock
 from .stats import StatsBook
 from .tasks import Task, TaskTable
 from .workers import WorkerSide
@@ -79,6 +83,7 @@ class Broker(ClientSide, WorkerSide, ClusterSide):
         self._next_expire = self._next_instances = self._next_heartbeat = 0.0
         self._running = True
         self._metrics = metrics.Sync()
+        self.clock = LoopClock()
         self._draining_since: float | None = None  # monotonic time of the first SIGTERM
         self._front_handlers = {P.Submit: self.on_submit, P.SubmitBatch: self.on_submit_batch,
                                 P.Query: self.on_query, P.Cancel: self.on_cancel, P.Ping: self.on_ping,
@@ -98,9 +103,13 @@ class Broker(ClientSide, WorkerSide, ClusterSide):
             poller.register(sock, zmq.POLLIN)
         log.info("broker up: front=%s back=%s%s", self.s.broker_front, self.s.broker_back,
                  f" box={self.s.box_name} (shared queue)" if self.shared else "")
+        clock, now = self.clock, time.perf_counter
         while self._running and not self._drained():
             self._cluster_listen(poller)
-            ready = dict(poller.poll(self._poll_timeout_ms()))
+            timeout_ms = self._poll_timeout_ms()
+            polled = now()
+            ready = dict(poller.poll(timeout_ms))
+            clock.woke(now(), timeout_ms / 1000, polled)
             if self._listen_fd is not None and self._listen_fd in ready:
                 self._cluster_notices()
             if self.front in ready:
@@ -109,22 +118,39 @@ class Broker(ClientSide, WorkerSide, ClusterSide):
                 self._drain(self.back, self._on_back, "back")
             if self.telemetry in ready:
                 self._drain(self.telemetry, self._on_telemetry, "telemetry")
+            clock.lap("messages", now())
             self._cluster_claim()
+            clock.lap("claims", now())
             self._fire_timers()
+            clock.lap("timers", now())
             # Dispatch first: the worker starts while the journal fsyncs. Acks still wait
             # for the commit, so a crash here loses no acknowledged task; at worst a task
             # whose submit was never answered runs once for nothing.
             if self._draining_since is None:  # draining: queued tasks stay for the next start
                 self._dispatch()
                 self._preempt()
+            clock.lap("dispatch", now())
             self._commit_and_ack()
             if time.monotonic() >= self._next_heartbeat:
                 self._heartbeat()
                 self._commit_and_ack()
+            clock.lap("journal commit", now())
             self._cluster_tick()
+            clock.lap("leases", now())
             self.outbox.flush()
             self._metrics(self)
+            clock.lap("replies", now())
+            if (stall := clock.done(now())) is not None:
+                self._stalled(stall)
         self.close()
+
+    def _stalled(self, stall) -> None:
+        """An iteration past stalls.SLOW_S: counted by where its time went, logged at most every
+        10 s; replies waiting meanwhile may have come after the API gave up (BROKER_TIMEOUT_S)."""
+        metrics.LOOP_STALLS.labels(stall.phase).inc()
+        if stall.tell:
+            log.warning("broker loop stalled %s; the API answers 503 broker_unavailable to calls that wait "
+                        "longer than BROKER_TIMEOUT_S (%gs)", stall.describe(), self.s.broker_timeout_s)
 
     def _poll_timeout_ms(self) -> int:
         if self.outbox.pending:
