@@ -599,3 +599,40 @@ def test_a_task_whose_model_server_went_away_runs_again_on_another_instance(brok
     time.sleep(0.2)
     rec = query(c, task_id)
     assert (rec.state, rec.attempts, rec.worker, rec.result.text) == ("completed", 2, "w2", "second time")
+
+
+def test_a_task_lost_by_the_only_instance_waits_for_it_to_come_back(broker):
+    """The instance's llama.cpp died under a task and it has a free slot still: the task is
+    not sent straight back to it (where it would be lost a second time when the launcher
+    exits, and fail worker_lost); it goes back once the launcher offers a slot again
+    (health checked) or registers anew (restarted), and says attempts: 2."""
+    c = broker.client()
+    task_id = submit(c, 1)
+    w1 = broker.worker("w1", slots=2)
+    assert w1.recv_not(P.Heartbeat).task_id == task_id
+    w1.send(P.Done(task_id, error=P.TaskError("llama_unavailable", "ConnectionRefusedError")))
+    assert w1.recv_not(P.Heartbeat, timeout=1.0) is None  # its other slot is free, but it is suspect
+    assert query(c, task_id).state == "queued"
+    other = submit(c, 2)  # nor does new work go to it
+    assert w1.recv_not(P.Heartbeat, timeout=0.5) is None
+    w1.send(P.Ready("w1", TINY_ALIAS, 2, "http://127.0.0.1:1", starts=2))  # restarted
+    w1.send(P.Credit(2))
+    got = {w1.recv_not(P.Heartbeat).task_id, w1.recv_not(P.Heartbeat).task_id}
+    assert got == {task_id, other}
+    w1.send(P.Done(task_id, result=P.TaskResult(text="second time")))
+    time.sleep(0.2)
+    rec = query(c, task_id)
+    assert (rec.state, rec.attempts, rec.result.text) == ("completed", 2, "second time")
+
+
+def test_an_instance_whose_launcher_found_it_healthy_gets_work_again(broker):
+    """A single failed request on a live llama.cpp: the launcher checks its health and
+    returns the slot (Credit); the instance is no longer suspect."""
+    c = broker.client()
+    task_id = submit(c, 1)
+    w1 = broker.worker("w1", slots=1)
+    assert w1.recv_not(P.Heartbeat).task_id == task_id
+    w1.send(P.Done(task_id, error=P.TaskError("llama_unavailable", "RemoteDisconnected")))
+    w1.send(P.Credit(1))
+    again = w1.recv_not(P.Heartbeat)
+    assert isinstance(again, P.Dispatch) and again.task_id == task_id

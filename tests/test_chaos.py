@@ -187,8 +187,7 @@ def chaos_home(tmp: Path) -> tuple[Path, dict]:
         f'reserved_slots = 0\nctx = 8192\nport = 0\n\n'
         f'[[instance]]\nname = "llama-1"\nmodel = "{model}"\nalias = "{MODELS[1]}"\nslots = 2\n'
         f'reserved_slots = 0\nctx = 8192\nport = 0\nengine = "external"\nserver_bin = "{shim}"\n')
-    # BROKER_TIMEOUT_S=1 (the default is 5): a 2 s freeze of the broker must show the 503 path
-    env = appliance_env(home, DRAIN_GRACE_S="15", BROKER_TIMEOUT_S="1", RATE_LIMITS="tasks:write=10000/s:10000,tasks:read=10000/s:10000")
+    env = appliance_env(home, DRAIN_GRACE_S="15", RATE_LIMITS="tasks:write=10000/s:10000,tasks:read=10000/s:10000")
     return home, env
 
 
@@ -317,10 +316,12 @@ def new_pid(chaos: Chaos, program: str, old: int):
     return back
 
 
-# The API gives up on the broker after BROKER_TIMEOUT_S (1 s here; 1.01 s measured on an idle
-# box). Here two llama.cpp servers keep both cores busy, so the bound asserted is only
-# "never hangs"; the time measured goes in the report.
-ANSWER_BOUND_S = 5.0
+# The API gives up on the broker after BROKER_TIMEOUT_S (the default, 5 s). Here two
+# llama.cpp servers keep both cores busy, so the bound asserted is only "never hangs";
+# the time measured goes in the report. (At 1 s, the default before, this test met 503s
+# where none belonged: a 2.5 s journal commit at start cut a stream's first query.)
+BROKER_TIMEOUT_S = 5.0
+ANSWER_BOUND_S = BROKER_TIMEOUT_S + 2.0
 
 
 def probe_while_away(chaos: Chaos) -> float:
@@ -344,11 +345,18 @@ def test_sigkill_broker(chaos):
                Stream(chaos.app, "openai", MODELS[1], chaos.history)]
     wait_until(lambda: all(s.running() for s in streams), 30, 0.05, "streams running")
     old = chaos.pid("broker")
+    probe = threading.Thread(target=probe_while_away, args=(chaos,))  # its answer may take BROKER_TIMEOUT_S
 
     def inject():
         os.kill(old, signal.SIGKILL)
-        probe_while_away(chaos)
-    row = chaos.fault("SIGKILL broker", inject, new_pid(chaos, "broker", old), streams)
+        probe.start()
+
+    def back(t0: float) -> float:
+        took = new_pid(chaos, "broker", old)(t0)
+        probe.join(ANSWER_BOUND_S)  # in the row, not in the restart time
+        return took
+    row = chaos.fault("SIGKILL broker", inject, back, streams)
+    assert row["API while away"] != "-", "the probe while the broker was away did not answer"
     assert row["back in s"] < RESTART_S
     for s in streams:  # the broker went away under them: each ended saying so
         assert s.end.startswith("error:") or s.end in ("result", "done"), s.end
@@ -432,8 +440,9 @@ def stalls(chaos: Chaos) -> float:
 
 
 def test_sigstop_then_sigcont_broker(chaos):
-    """A frozen broker: the API answers 503 broker_unavailable within ~1 s meanwhile, and a
-    submit it gave up on is dropped when the broker thaws (it never runs unseen)."""
+    """A frozen broker: the API answers 503 broker_unavailable after BROKER_TIMEOUT_S
+    meanwhile (the freeze outlasts it), and a submit it gave up on is dropped when the
+    broker thaws (it never runs unseen). Under WORKER_LIVENESS_S: no instance is dropped."""
     pid = chaos.pid("broker")
     expired = chaos.stats()["submits_expired"]
     stalls_before = stalls(chaos)
@@ -444,13 +453,13 @@ def test_sigstop_then_sigcont_broker(chaos):
             time.sleep(0.2)
             probe_while_away(chaos)
             assert chaos.probes[-1].startswith("503"), chaos.probes[-1]
-            time.sleep(1.5)
+            time.sleep(0.5)
         finally:
             os.kill(pid, signal.SIGCONT)
-    row = chaos.fault("SIGSTOP 2 s + SIGCONT broker", inject)
+    row = chaos.fault("SIGSTOP ~6 s + SIGCONT broker", inject)
     assert row["re-run"] == 0 and chaos.pid("broker") == pid
     assert chaos.stats()["submits_expired"] > expired
-    # the broker counts the stall (the 2 s it was frozen, wherever SIGSTOP caught it) and says so
+    # the broker counts the stall (the seconds it was frozen, wherever SIGSTOP caught it) and says so
     assert stalls(chaos) > stalls_before
     assert "broker loop stalled" in (chaos.home / "var" / "log" / "broker.log").read_text()
 

@@ -51,6 +51,17 @@ def test_a_lost_task_avoids_the_instance_that_lost_it_when_it_can():
     assert choose([cand("a")], False, {}, avoid=frozenset({"a"})).name == "a"  # the only one: retried there
 
 
+def test_a_suspect_instance_gets_nothing_new_until_it_offers_work_again():
+    """Its llama.cpp just failed a task as unreachable (it may be dying): a lost task waits
+    for it rather than going straight back to it, and other work goes elsewhere."""
+    from dataclasses import replace
+    from appliance.broker.routing import claim_room
+    dying = replace(cand("a"), suspect=True)
+    assert choose([dying], True, {}, avoid=frozenset({"a"})) is None
+    assert choose([dying, cand("b", running=1)], False, {}).name == "b"
+    assert claim_room([dying], {}, queued=0) == (0, 0)  # a box does not claim shared work for it either
+
+
 def test_low_gpu_memory_halves_the_appeal():
     pool = [cand("a", gpu=0), cand("b", gpu=1)]
     assert choose(pool, False, {0: Gpu(memory_free_fraction=0.01), 1: Gpu(memory_free_fraction=0.5)}).name == "b"

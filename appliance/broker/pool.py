@@ -42,6 +42,11 @@ class Worker:
     low_running: int = 0                                  # of those, below `high`
     seconds_per_token: float = 0.0
     stopping: bool = False  # it said Stopping: no credit any more, its tasks may finish
+    # Its engine failed a task (llama_unavailable): no new work until it offers credit
+    # again (its launcher checked its health) or registers anew (it restarted). Without
+    # this, the failed task went straight back to the same dying instance, was lost a
+    # second time when the launcher exited, and failed worker_lost (chaos test, here).
+    suspect: bool = False
 
     @property
     def free(self) -> int:
@@ -124,6 +129,7 @@ class WorkerPool:
 
     # ------------------------------------------------------------ slots
     def add_credit(self, worker: Worker, n: int) -> None:
+        worker.suspect = False  # its launcher offers work again: it found its engine healthy
         if not worker.stopping:
             worker.credit = min(worker.slots - worker.running, worker.credit + max(0, n))
 

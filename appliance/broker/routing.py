@@ -1,9 +1,10 @@
 """Which instance runs a task: a pure function of the instances, their GPUs and the task.
 
 The rule (README, "Routing"), in order:
-1. Eligible: serves the task's model, has a free slot, is not on a throttled GPU, and
-   for work below `high`, has a free slot outside its reserved ones (reserved slots
-   are kept for critical and high work, so that it never waits behind a long
+1. Eligible: serves the task's model, has a free slot, is not on a throttled GPU, is
+   not suspect (its engine failed a task and its launcher has not offered work since),
+   and for work below `high`, has a free slot outside its reserved ones (reserved
+   slots are kept for critical and high work, so that it never waits behind a long
    generation).
 2. A task retried after its instance was lost avoids that instance when another is
    eligible.
@@ -46,6 +47,7 @@ class Candidate:
     reserved: int                  # slots only critical/high may take
     seconds_per_token: float = 0.0  # EWMA; 0: not measured yet
     gpu: int = -1
+    suspect: bool = False          # its engine just failed a task; it has not offered work since
 
 
 MEMORY_RESUME_MARGIN_PCT = 5.0
@@ -66,7 +68,7 @@ class Limits:
 
 
 def eligible(c: Candidate, urgent: bool, gpus: dict[int, Gpu]) -> bool:
-    if c.free <= 0:
+    if c.free <= 0 or c.suspect:
         return False
     if c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled:
         return False
@@ -171,7 +173,7 @@ def claim_room(candidates: list[Candidate], gpus: dict[int, Gpu], queued: int) -
     `eligible`."""
     low = urgent = 0
     for c in candidates:
-        if c.free <= 0 or (c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled):
+        if c.free <= 0 or c.suspect or (c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled):
             continue
         open_low = max(0, min(c.free, c.slots - c.reserved - c.low_running))
         low += open_low

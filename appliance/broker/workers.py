@@ -105,6 +105,7 @@ class WorkerSide:
                 self._abort_running(task, "cancelled")  # a second copy may run elsewhere
             self._finish(task, "completed", result=msg.result)
         elif current and error.code in INSTANCE_FAILURES:
+            worker.suspect = True  # until its launcher offers credit again (pool.Worker.suspect)
             self._requeue({task.task_id}, worker.name)
         elif current or (task.record.state == "queued" and error.code not in ("preempted", "cancelled")):
             self._finish(task, "failed", result=msg.result, error=error)  # a result, if any: what it produced
