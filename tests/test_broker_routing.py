@@ -10,6 +10,7 @@ import pytest
 from appliance import protocol as P
 from appliance.config import load_settings
 from appliance.instances import TINY_ALIAS as TINY
+from conftest import wait_until
 from test_broker import Peer, Running, query, stats
 
 TWO_MODELS = """
@@ -45,6 +46,13 @@ def ready(b, name, model, slots, reserved=0):
     w.send(P.Ready(name, model, slots, "http://127.0.0.1:1", reserved=reserved))
     w.send(P.Credit(slots))
     return w
+
+
+def applied(c, t: P.Telemetry) -> bool:
+    c.send(P.GetGpu(9))
+    reply = c.recv()
+    assert isinstance(reply, P.GpuStatus), reply
+    return reply.telemetry == t
 
 
 def dispatched(w, timeout=2.0) -> list[str]:
@@ -189,7 +197,10 @@ def test_a_heat_ramp_on_one_gpu_pauses_its_dispatch_and_resumes_after_the_hyster
         for step in range(16):  # one line of the recording each
             t = monitor.sample()
             pub.send_multipart([P.TELEMETRY_TOPIC, P.encode(t)])
-            time.sleep(0.05)
+            # until the broker has applied this sample: it reads clients before telemetry in
+            # one loop iteration, so after a fixed sleep a slow commit could leave `hot`
+            # one sample behind the state the submit is routed by (failed so, 1 in 8 runs)
+            wait_until(lambda: applied(c, t), 5, 0.01, f"telemetry of step {step} applied")
             st = stats(c)
             hot = {x.name: x.throttled for x in st.workers}["g0"]
             c.send(P.Submit(100 + step, P.CompleteTask(prompt=f"note {step}")))  # no affinity between steps

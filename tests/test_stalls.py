@@ -57,3 +57,15 @@ def test_the_report_says_how_many_were_not_told():
     iteration(clock, 101.0, [("journal commit", 0.5)])
     stall = iteration(clock, 111.0, [("journal commit", 0.5)])
     assert stall.tell and stall.untold == 2 and "1 more since the last report" in stall.describe()
+
+
+def test_the_loop_laps_exactly_the_phases_the_metric_is_made_for():
+    """The counter's series are created for stalls.PHASES at start (so that increase() sees
+    the first stall); the loop must lap those names and no others."""
+    import re
+    from pathlib import Path
+
+    from appliance.broker.stalls import PHASES
+    src = (Path(__file__).parent.parent / "appliance" / "broker" / "server.py").read_text()
+    lapped = re.findall(r'clock\.lap\("([^"]+)"', src)
+    assert tuple(lapped) + (LATE,) == PHASES

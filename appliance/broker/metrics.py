@@ -14,6 +14,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram
 
 from .. import protocol as P
+from .stalls import PHASES
 
 REFRESH_S = 1.0
 HEALTH_STATES = ("healthy", "backing_up", "stalled")
@@ -56,6 +57,8 @@ FRAMES_DROPPED = Counter("appliance_broker_frames_dropped_total", "Malformed mes
 SUBMITS_EXPIRED = Counter("appliance_broker_submits_expired_total", "Submits read after their caller gave up")
 LOOP_STALLS = Counter("appliance_broker_loop_stalls_total", "Broker loop iterations (or wake-ups) of 0.25 s or more, "
                       "by where the time went (a phase of the loop, or 'not scheduled')", ["phase"])
+for _phase in PHASES:  # every series from the start at 0: increase() then sees the first stall
+    LOOP_STALLS.labels(_phase)
 WORKERS_DROPPED = Counter("appliance_broker_workers_dropped_total", "Instances dropped for silence")
 
 

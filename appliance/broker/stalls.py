@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 SLOW_S = 0.25        # an iteration (or a late wake-up) this long is a stall
 TELL_EVERY_S = 10.0  # stalls are logged at most this often (a sick disk stalls every commit)
 LATE = "not scheduled"  # the poll returned this much later than it was asked to
+# The loop's phases, in order (server.Broker.run laps them; tests check the two agree).
+PHASES = ("messages", "claims", "timers", "dispatch", "journal commit", "leases", "replies", LATE)
 
 
 @dataclass
