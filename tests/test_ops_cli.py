@@ -49,6 +49,9 @@ def test_verify_names_the_failing_check_when_the_broker_is_stopped(app):
         assert out.returncode == 1
         broker = next(line for line in out.stdout.splitlines() if " broker " in line + " ")
         assert broker.startswith("✗") and "broker_unavailable" in broker, out.stdout
+        # what needs the broker is not asked again (each would wait BROKER_TIMEOUT_S)
+        task = next(line for line in out.stdout.splitlines() if " task " in line + " ")
+        assert task.startswith("✗") and "not checked: the broker is not answering" in task, out.stdout
         assert "failed: " in out.stdout and "broker" in out.stdout.splitlines()[-1]
         status = appliance(app, "status")
         assert status.returncode == 1 and "broker not answering" in status.stdout

@@ -182,6 +182,11 @@ def check_disk(s: Settings) -> Check:
     return Check("disk", True, "; ".join(f"{d}: {free / 2**30:.1f} GiB free ({frac:.0%})" for frac, d, free in worst))
 
 
+# Checks answered through the broker: with the broker not answering, each would wait
+# BROKER_TIMEOUT_S (5 s) to say the same thing.
+NEED_BROKER = frozenset({"instances", "gpu monitor", "task", "journal"})
+
+
 def run(s: Settings, token: str | None) -> list[Check]:
     http = Http(s, token)
     checks: list[Check] = []
@@ -190,11 +195,17 @@ def run(s: Settings, token: str | None) -> list[Check]:
               ("task", lambda: check_task(http)), ("metrics", lambda: check_metrics(http)),
               ("secrets", lambda: check_secrets(s)), ("journal", lambda: check_journal(http, s)),
               ("disk", lambda: check_disk(s)))
+    broker_gone = False
     for name, probe in probes:
+        if broker_gone and name in NEED_BROKER:  # each would wait BROKER_TIMEOUT_S for the same answer
+            checks.append(Check(name, False, "not checked: the broker is not answering (see broker)"))
+            continue
         try:
             checks.append(probe())
         except (OSError, ValueError, KeyError, TypeError) as exc:  # the API not there at all, or nonsense
             checks.append(Check(name, False, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"))
+        if name == "broker":
+            broker_gone = not checks[-1].ok and "broker_unavailable" in checks[-1].detail
     return checks
 
 
