@@ -67,12 +67,13 @@ class Limits:
     memory_pct: float = 95.0
 
 
+def takes_work(c: Candidate, gpus: dict[int, Gpu]) -> bool:
+    """A free slot, not suspect, not on a throttled GPU: what dispatch and claims both ask first."""
+    return c.free > 0 and not c.suspect and not (c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled)
+
+
 def eligible(c: Candidate, urgent: bool, gpus: dict[int, Gpu]) -> bool:
-    if c.free <= 0 or c.suspect:
-        return False
-    if c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled:
-        return False
-    return urgent or c.low_running < c.slots - c.reserved
+    return takes_work(c, gpus) and (urgent or c.low_running < c.slots - c.reserved)
 
 
 def choose(candidates: list[Candidate], urgent: bool, gpus: dict[int, Gpu], affinity: str | None = None,
@@ -173,7 +174,7 @@ def claim_room(candidates: list[Candidate], gpus: dict[int, Gpu], queued: int) -
     `eligible`."""
     low = urgent = 0
     for c in candidates:
-        if c.free <= 0 or c.suspect or (c.gpu >= 0 and gpus.get(c.gpu, Gpu()).throttled):
+        if not takes_work(c, gpus):
             continue
         open_low = max(0, min(c.free, c.slots - c.reserved - c.low_running))
         low += open_low
